@@ -1,0 +1,14 @@
+"""mergekit-ace: ACE-Merging and its data-free relatives as mergekit merge methods.
+
+Importing the package registers its methods with mergekit (idempotently). Installing it is
+enough for new processes: a start-up hook registers them as soon as mergekit's registry loads.
+"""
+
+from mergekit_ace.kernels import AceDiagnostics, MergeInputError, ace_merge
+from mergekit_ace.registration import register_all
+
+__version__ = "0.1.0"
+
+register_all()
+
+__all__ = ["AceDiagnostics", "MergeInputError", "ace_merge", "register_all", "__version__"]

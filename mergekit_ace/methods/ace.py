@@ -1,0 +1,41 @@
+"""``merge_method: ace`` — the mergekit adapter of :func:`mergekit_ace.kernels.ace.ace_merge`."""
+
+from __future__ import annotations
+
+from mergekit_ace.kernels.ace import GATES, ace_merge
+from mergekit_ace.methods.common import (
+    KernelMergeMethod,
+    _boolean,
+    _choice,
+    _number,
+    lambda_parameter,
+    shared,
+    weight_parameter,
+)
+
+PRETTY_NAME = "ACE-Merging"
+REFERENCE_URL = "https://arxiv.org/abs/2603.02945"
+
+
+def ace_method() -> KernelMergeMethod:
+    return KernelMergeMethod(
+        name="ace",
+        pretty_name=PRETTY_NAME,
+        reference_url=REFERENCE_URL,
+        kernel=ace_merge,
+        parameters=(
+            shared("eps", _number("eps", 0.0, what="a finite number >= 0"), 1e-5,
+                   "Tikhonov strength of each task's covariance proxy (step 3)"),
+            shared("tau", _number("tau", 0.0, what="a finite number >= 0"), 0.3,
+                   "heterogeneity threshold on gamma"),
+            shared("gate", _choice("gate", GATES, {True: "on", False: "off"}), "auto",
+                   "auto: heterogeneous when gamma > tau; on: always; off: never"),
+            shared("refine", _boolean("refine"), True,
+                   "spectral refinement in the heterogeneous branch"),
+            shared("k_frac", _number("k_frac", 0.0, 1.0, "in [0, 1]"), 0.3,
+                   "fraction of singular directions refined"),
+            shared("prior", _boolean("prior"), True, "collective structural prior"),
+            lambda_parameter(),
+            weight_parameter(),
+        ),
+    )
