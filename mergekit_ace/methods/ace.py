@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.ace import GATES, ace_merge
+from mergekit_ace.kernels.ace import GATE_STATISTICS, GATES, ace_merge
 from mergekit_ace.methods.common import (
     KernelMergeMethod,
     _boolean,
     _choice,
     _number,
+    _number_or_word,
     lambda_parameter,
     shared,
     weight_parameter,
@@ -24,12 +25,15 @@ def ace_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         kernel=ace_merge,
         parameters=(
-            shared("eps", _number("eps", 0.0, what="a finite number >= 0"), 1e-5,
-                   "Tikhonov strength of each task's covariance proxy (step 3)"),
+            shared("eps", _number_or_word("eps", "auto", 0.0, "a finite number >= 0"), 1e-5,
+                   "Tikhonov strength of each task's covariance proxy (step 3); "
+                   "auto: a fixed fraction of each proxy's trace"),
             shared("tau", _number("tau", 0.0, what="a finite number >= 0"), 0.3,
                    "heterogeneity threshold on gamma"),
             shared("gate", _choice("gate", GATES, {True: "on", False: "off"}), "auto",
                    "auto: heterogeneous when gamma > tau; on: always; off: never"),
+            shared("gate_statistic", _choice("gate_statistic", GATE_STATISTICS), "gamma",
+                   "gamma: the paper's statistic; log_spread: std of log10 energies (unit-free)"),
             shared("refine", _boolean("refine"), True,
                    "spectral refinement in the heterogeneous branch"),
             shared("k_frac", _number("k_frac", 0.0, 1.0, "in [0, 1]"), 0.3,

@@ -36,6 +36,23 @@ def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str
     return Annotated[float, PlainValidator(validate)]
 
 
+def _number_or_word(name: str, word: str, low: float = -math.inf, what: str = "") -> Any:
+    number = _number(name, low, what=f"{what} or {word!r}")
+    (inner,) = [m for m in number.__metadata__ if isinstance(m, PlainValidator)]
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == word:
+            return word
+        try:
+            return inner.func(value)
+        except ValueError:
+            raise ValueError(
+                f"parameter `{name}` must be {what} or {word!r}, got {value!r}"
+            ) from None
+
+    return Annotated[Any, PlainValidator(validate)]
+
+
 def _boolean(name: str) -> Any:
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
