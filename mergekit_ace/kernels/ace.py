@@ -148,7 +148,9 @@ def ace_merge(
 
     ``experts`` are the fine-tuned tensors (same shape as ``base``); ``weights`` the per-task
     objective weights (default all ones, which is the paper). ``eps="auto"`` sets each task's
-    ridge to ``AUTO_RIDGE * tr(Shat_t)`` instead of a fixed number. ``gate_statistic`` picks
+    ridge to ``AUTO_RIDGE * tr(Shat_t)`` instead of a fixed number, and measures the
+    heterogeneous prior's energy normalization in units of each task's trace, so that
+    rescaling every task vector by ``a`` rescales the merged task vector by ``a`` exactly. ``gate_statistic`` picks
     the paper's ``gamma`` or the unit-free ``log_spread`` for ``gate="auto"``. Computation
     runs in ``compute_dtype`` (float32, or float64 if any input is) on the inputs' device;
     the result is cast to ``out_dtype`` (default: the base tensor's dtype). ``spectra=True``
@@ -252,6 +254,7 @@ def _solve_2d(
     Q = like.new_zeros(m, n)
     C_eps = like.new_zeros(m, n)
     ridge = 0.0
+    traces = []
     if do_refine:
         q = like.new_zeros(n)
         T_sum = like.new_zeros(m, n)
@@ -260,6 +263,7 @@ def _solve_2d(
         C = tau_t - mu  # eq. 5: centered over rows
         S = C.T @ C  # eq. 6
         tr = float(S.diagonal().sum(dtype=torch.float64)) + LOG_FLOOR
+        traces.append(tr)
         if heterogeneous:  # eq. 8-10: trace normalization
             S.div_(tr)
         if eps == "auto":
@@ -293,7 +297,10 @@ def _solve_2d(
         c = A.mean(dim=0)
         c.sub_(ridge / n)
         if heterogeneous:
-            c.div_(sum(energies) / len(energies) + LOG_FLOOR)
+            # The paper divides by the mean raw energy, which carries the task vectors' units.
+            # Scale-free mode (eps="auto") measures each energy in its own proxy's trace.
+            scale = energies if eps != "auto" else [e / t for e, t in zip(energies, traces)]
+            c.div_(sum(scale) / len(scale) + LOG_FLOOR)
         A.add_(c.unsqueeze(0))
     N = Q.add_(C_eps)
     del C_eps
