@@ -24,6 +24,11 @@ def _ace() -> "MergeMethod":
 
 METHOD_FACTORIES: Dict[str, Callable[[], "MergeMethod"]] = {
     "ace": _ace,
+    # The data-free family; imported lazily, like ``_ace``, so mergekit is not re-entered.
+    "actmat": lambda: __import__("mergekit_ace.methods.actmat", fromlist=["*"]).actmat_method(),
+    "tsv": lambda: __import__("mergekit_ace.methods.tsv", fromlist=["*"]).tsv_method(),
+    "iso_c": lambda: __import__("mergekit_ace.methods.iso_c", fromlist=["*"]).iso_c_method(),
+    "iso_cts": lambda: __import__("mergekit_ace.methods.iso_cts", fromlist=["*"]).iso_cts_method(),
 }
 
 _OURS: Dict[str, "MergeMethod"] = {}

@@ -43,3 +43,44 @@ def lstsq_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return sol.transpose(0, 1)
     # CUDA's lstsq only handles full-rank systems; the pseudo-inverse is rank-revealing.
     return B @ torch.linalg.pinv(A)
+
+
+def rank_tolerance(largest: float, shape: tuple, dtype: torch.dtype) -> float:
+    """Numerical-rank cutoff ``largest * max(shape) * eps(dtype)``: the convention of
+    ``numpy.linalg.matrix_rank`` and of ``torch.linalg.pinv``'s default ``rtol``. Singular
+    values at or below it are rounding noise; their singular vectors are arbitrary."""
+    return float(largest) * max(shape) * torch.finfo(dtype).eps
+
+
+def top_singular_triplets(
+    X: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` leading singular triplets of ``X`` (``[m, n]``) from a thin SVD, with the
+    numerically zero ones (``rank_tolerance`` of ``X``'s largest singular value) left out:
+    ``(U [m, k'], s [k'], Vh [k', n])``, ``k' <= k``."""
+    U, s, Vh = torch.linalg.svd(X, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    keep = int((s[:k] > rank_tolerance(top, tuple(X.shape), X.dtype)).sum()) if top > 0 else 0
+    return U[:, :keep], s[:keep], Vh[:keep]
+
+
+def nearest_orthonormal(X: torch.Tensor) -> torch.Tensor:
+    """The orthonormal-column matrix nearest ``X`` (``[m, k]``, ``k <= m``) in Frobenius norm:
+    the polar factor ``P Q^T`` of the thin SVD ``X = P S Q^T``."""
+    P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+def psd_solve_right(A: torch.Tensor, B: torch.Tensor, rtol: float) -> tuple[torch.Tensor, int]:
+    """``X = B A^+`` for a symmetric positive semi-definite ``A`` (``[n, n]``, ``B``:
+    ``[m, n]``) without forming ``A^+``: ``A = Q diag(lam) Q^T`` by ``eigh``, eigenvalues
+    at or below ``rtol * max(lam)`` count as zero (their directions get no update), and
+    ``X = ((B Q_r) / lam_r) Q_r^T``. Returns ``X`` and the numerical rank ``r`` used."""
+    evals, evecs = torch.linalg.eigh(A)
+    top = float(evals.max()) if evals.numel() else 0.0
+    if not top > 0.0:
+        return B.new_zeros(B.shape[0], A.shape[1]), 0
+    keep = evals > rtol * top
+    Q = evecs[:, keep]
+    X = ((B @ Q) / evals[keep]) @ Q.transpose(0, 1)
+    return X, int(keep.sum())

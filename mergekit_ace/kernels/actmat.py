@@ -1,0 +1,101 @@
+"""ACTMat kernel: data-free RegMean with covariances estimated from the task vectors.
+
+Hameed, Tam, Tikeng Notsawo, Raffel, Rabusseau, "Model Merging via Data-Free Covariance
+Estimation", 2026, arXiv 2604.01329 (https://arxiv.org/abs/2604.01329); restated in
+``shared/spec/actmat.md`` as the authors' released implementation computes it.
+
+Per 2-D tensor ``[m, n]`` with task vectors ``D_t = W_t - W0`` and Gram matrices
+``G_t = D_t^T D_t`` (RegMean's input covariance, estimated from the difference matrix):
+
+    D* = (sum_t w_t D_t G_t) (sum_t w_t G_t)^+,        output  W0 + lam * D*.
+
+With one task this is ``D_1 G_1 G_1^+ = D_1``, i.e. ``W_1``; input directions outside the
+span of ``sum_t G_t`` get no update (``W0`` is kept there). Tensors that are not 2-D take the
+weighted mean of the task vectors.
+
+Two equivalent forms, the smaller one runs (``ActMatDiagnostics.form``):
+
+* ``"inputs"`` (``n <= T m``): the ``[n, n]`` system above, from running sums whose memory
+  does not grow with the number of experts.
+* ``"tasks"`` (``T m < n``): stacking ``D~ = [sqrt(w_1) D_1; ...; sqrt(w_T) D_T]``
+  (``[T m, n]``), ``sum_t w_t G_t = D~^T D~`` and ``D~ (D~^T D~)^+ = (D~ D~^T)^+ D~`` give
+  ``D* = H (D~ D~^T)^+ D~`` with ``H = [sqrt(w_1) D_1 D_1^T, ..., sqrt(w_T) D_T D_T^T]``,
+  a ``[T m, T m]`` pseudo-inverse (the spec's "Cost" paragraph, with weights).
+
+The pseudo-inverse is never formed: the symmetric PSD Gram is diagonalized (``eigh``) and
+eigenvalues at or below ``max(T m, n) * eps(dtype) * lambda_max`` are treated as zero (the
+``torch.linalg.pinv`` / ``numpy.linalg.matrix_rank`` convention, with the same cutoff in both
+forms so they agree). Since the Gram's eigenvalues are squared singular values of ``D~``,
+directions whose singular value is below ``sqrt(max(T m, n) * eps) * sigma_max`` (about
+``2e-2 sigma_max`` for a 4096-wide float32 layer, ``2e-6`` in float64) count as outside the
+span; compute in float64 (``dtype: float64``) to keep more of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_ace.kernels.common import TaskVectors
+from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
+from mergekit_ace.kernels.linalg import psd_solve_right
+
+FORMS = ("inputs", "tasks")
+
+
+@dataclass
+class ActMatDiagnostics(DataFreeDiagnostics):
+    """``form``: ``"inputs"`` (``[n, n]`` Gram) or ``"tasks"`` (``[T m, T m]`` Gram);
+    ``rtol``: the relative eigenvalue cutoff; ``rank``: eigen-directions kept."""
+
+    form: Optional[str] = None
+    rtol: Optional[float] = None
+
+
+def actmat_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weights: Optional[Sequence[float]] = None,
+    lam: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    tensor_name: Optional[str] = None,
+    expert_names: Optional[Sequence[str]] = None,
+) -> tuple[torch.Tensor, ActMatDiagnostics]:
+    """Merge one tensor with ACTMat; returns ``(W0 + lam * D*, diagnostics)``.
+
+    ``weights`` are per-task objective weights (default all ones, the paper): only their
+    ratios matter, 0 leaves a model out.
+    """
+    return merge_tensor(
+        "actmat", base, experts, _actmat_2d, ActMatDiagnostics,
+        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
+        tensor_name=tensor_name, expert_names=expert_names, weighted=True,
+    )
+
+
+def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics) -> torch.Tensor:
+    m, n = tv.base.shape
+    T = len(tv.deltas)
+    diag.rtol = max(T * m, n) * torch.finfo(tv.base.dtype).eps
+    if T * m < n:
+        diag.form = "tasks"
+        roots = [math.sqrt(w) for w in tv.weights]
+        stacked = torch.cat([r * d for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
+        H = torch.cat([r * (d @ d.T) for r, d in zip(roots, tv.deltas)], dim=1)  # [m, T m]
+        X, diag.rank = psd_solve_right(stacked @ stacked.T, H, diag.rtol)
+        return X @ stacked
+    diag.form = "inputs"
+    gram = tv.base.new_zeros(n, n)  # sum_t w_t G_t
+    rhs = tv.base.new_zeros(m, n)  # sum_t w_t D_t G_t
+    for w, d in zip(tv.weights, tv.deltas):
+        G = d.T @ d
+        gram.add_(G, alpha=w)
+        rhs.addmm_(d, G, alpha=w)
+        del G
+    merged, diag.rank = psd_solve_right(gram, rhs, diag.rtol)
+    return merged

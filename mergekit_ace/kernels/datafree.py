@@ -1,0 +1,114 @@
+"""The frame the data-free family kernels (ACTMat, TSV-M, Iso-C, Iso-CTS) share.
+
+Each of those methods differs from the others only in how it turns the task vectors of one
+2-D tensor into a merged task vector. Everything around that is common and lives here, built
+on ``kernels/common.py`` exactly as the ACE kernel uses it: input checks, task vectors
+``tau_t = W_t - W0`` in float32 (float64 when an input is), experts that left the tensor
+unchanged (or have weight 0) dropped, the weighted mean of the task vectors for tensors that
+are not 2-D, and ``finish`` (``W0 + lam * delta``, refusing non-finite output).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Sequence, TypeVar
+
+import torch
+
+from mergekit_ace.kernels.common import (
+    MergeInputError,
+    TaskVectors,
+    check_inputs,
+    compute_dtype_for,
+    finish,
+    normalized_weights,
+    task_vectors,
+    weighted_mean_delta,
+)
+
+
+@dataclass
+class DataFreeDiagnostics:
+    """What a data-free family kernel did with one tensor.
+
+    ``branch`` is ``"unchanged"`` when no expert changed the tensor, ``"mean"`` when the
+    tensor was merged by averaging task vectors (not 2-D, or a method's documented fallback;
+    ``reason`` says which), and the method's name for its own 2-D computation. ``energies``
+    lists ``||tau_t||_F^2`` for every expert in input order; ``participants`` the indices of
+    those that entered the merge (non-zero task vector, positive weight). ``rank`` is the
+    number of directions the merged task vector was built from.
+    """
+
+    tensor: Optional[str]
+    shape: tuple
+    branch: str
+    energies: List[float]
+    participants: List[int]
+    weights: List[float]
+    rank: int = 0
+    reason: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+D = TypeVar("D", bound=DataFreeDiagnostics)
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    solve_2d: Callable[[TaskVectors, D], torch.Tensor],
+    diagnostics: Callable[..., D],
+    *,
+    weights: Optional[Sequence[float]],
+    lam: float,
+    compute_dtype: Optional[torch.dtype],
+    out_dtype: Optional[torch.dtype],
+    tensor_name: Optional[str],
+    expert_names: Optional[Sequence[str]],
+    weighted: bool = False,
+) -> tuple[torch.Tensor, D]:
+    """Run ``solve_2d(task_vectors, diagnostics) -> merged task vector`` on a 2-D tensor
+    inside the shared frame; returns ``(W0 + lam * merged, diagnostics)``.
+
+    ``weighted=False`` methods take no per-model weights: passing any is an error rather
+    than a silently ignored setting.
+    """
+    if not math.isfinite(lam):
+        raise ValueError(f"lambda must be finite, got {lam}")
+    if weights is not None and not weighted:
+        raise MergeInputError(
+            f"{method} takes no per-model `weight`; remove it from the config."
+        )
+    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
+    w_all = normalized_weights(
+        weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
+    )
+    dtype = compute_dtype or compute_dtype_for(base, *experts)
+    out_dtype = out_dtype or base.dtype
+    tv = task_vectors(base, experts, w_all, dtype)
+    diag = diagnostics(
+        tensor=tensor_name,
+        shape=tuple(base.shape),
+        branch="unchanged",
+        energies=tv.all_energies,
+        participants=tv.indices,
+        weights=tv.weights,
+    )
+    if not tv.deltas:
+        return base.to(out_dtype), diag
+    if base.dim() != 2:
+        merged = mean_delta(tv, diag, "not a 2-D tensor")
+    else:
+        diag.branch = method
+        merged = solve_2d(tv, diag)
+    return finish(tv.base, merged, lam, out_dtype, tensor_name), diag
+
+
+def mean_delta(tv: TaskVectors, diag: DataFreeDiagnostics, reason: str) -> torch.Tensor:
+    """The (weighted) mean task vector, recorded as the ``"mean"`` branch with ``reason``."""
+    diag.branch, diag.reason = "mean", reason
+    return weighted_mean_delta(tv)

@@ -1,0 +1,102 @@
+"""Iso-CTS kernel: isotropic merging in common and task-specific subspaces.
+
+Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
+Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv 2502.04959
+(https://arxiv.org/abs/2502.04959), Sec. 4.3 (Iso-CTS), following the authors' released code.
+
+Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t tau_t``:
+
+1. rank budget: ``k0 = int(r * common_space_fraction)``; each task gets
+   ``p = round((r - k0) / T)`` task-specific directions and the common subspace the rest,
+   ``k = r - T p`` (the reference code's adjustment that makes the task-specific budget
+   divide evenly; ``p`` is capped at ``floor(r / T)`` so that ``k >= 0``);
+2. common subspace: the top ``k`` singular triplets ``(U_c, s_c, V_c)`` of ``M``;
+3. task-specific subspaces: the top ``p`` singular triplets of each
+   ``(I - U_c U_c^T) tau_t``, the part of the task vector outside the common subspace;
+4. concatenate common and task-specific ``U`` (``[m, r]``) and ``V`` and replace each by its
+   nearest orthonormal matrix (polar factor, as in TSV-M);
+5. isotropic scale: ``s_bar`` = mean of the concatenated singular values (``s_c`` and the
+   task-specific ones), as the released code computes it;
+6. merged ``s_bar U_perp V_perp^T``, output ``W0 + lam * merged``.
+
+``common_space_fraction = 1`` (or more tasks than rank, ``p = 0``) is exactly Iso-C. Numerically
+zero singular triplets are left out as in Iso-C; tensors that are not 2-D take the mean task
+vector. Decisions: ``docs/family.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_ace.kernels.common import TaskVectors
+from mergekit_ace.kernels.datafree import merge_tensor
+from mergekit_ace.kernels.iso_c import IsoDiagnostics, isotropic, task_sum
+from mergekit_ace.kernels.linalg import nearest_orthonormal, top_singular_triplets
+
+
+@dataclass
+class IsoCtsDiagnostics(IsoDiagnostics):
+    """``k_common``: directions of the common subspace; ``per_task``: task-specific
+    directions per task (``k_common + T * per_task = r``)."""
+
+    k_common: int = 0
+    per_task: int = 0
+
+
+def validate_fraction(common_space_fraction: float) -> None:
+    if not (0.0 <= common_space_fraction <= 1.0):
+        raise ValueError(
+            f"common_space_fraction must be in [0, 1], got {common_space_fraction}"
+        )
+
+
+def rank_budget(r: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """``(k_common, per_task)`` with ``k_common + tasks * per_task == r`` (step 1)."""
+    k0 = int(r * common_space_fraction)
+    per_task = min(round((r - k0) / tasks), r // tasks)
+    return r - tasks * per_task, per_task
+
+
+def iso_cts_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    weights: None = None,
+    common_space_fraction: float = 0.8,
+    lam: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    tensor_name: Optional[str] = None,
+    expert_names: Optional[Sequence[str]] = None,
+) -> tuple[torch.Tensor, IsoCtsDiagnostics]:
+    """Merge one tensor with Iso-CTS; returns ``(W0 + lam * merged, diagnostics)``.
+    Iso-CTS has no per-task weights (``weights`` must stay ``None``)."""
+    validate_fraction(common_space_fraction)
+
+    def solve(tv: TaskVectors, diag: IsoCtsDiagnostics) -> torch.Tensor:
+        return _iso_cts_2d(tv, diag, common_space_fraction)
+
+    return merge_tensor(
+        "iso_cts", base, experts, solve, IsoCtsDiagnostics,
+        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
+        tensor_name=tensor_name, expert_names=expert_names,
+    )
+
+
+def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> torch.Tensor:
+    r = min(tv.base.shape)
+    diag.k_common, diag.per_task = rank_budget(r, len(tv.deltas), fraction)
+    U_c, s_c, Vh_c = top_singular_triplets(task_sum(tv), diag.k_common)
+    Us, ss, Vhs = [U_c], [s_c], [Vh_c]
+    if diag.per_task > 0:
+        for delta in tv.deltas:
+            outside = delta - U_c @ (U_c.T @ delta)
+            U, s, Vh = top_singular_triplets(outside, diag.per_task)
+            Us.append(U), ss.append(s), Vhs.append(Vh)
+    U, s, Vh = torch.cat(Us, dim=1), torch.cat(ss), torch.cat(Vhs, dim=0)
+    if len(Us) > 1 and s.numel():
+        U, Vh = nearest_orthonormal(U), nearest_orthonormal(Vh.T).T
+    return isotropic(U, s, Vh, diag)

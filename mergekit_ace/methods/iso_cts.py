@@ -1,0 +1,25 @@
+"""``merge_method: iso_cts`` — the mergekit adapter of
+:func:`mergekit_ace.kernels.iso_cts.iso_cts_merge`."""
+
+from __future__ import annotations
+
+from mergekit_ace.kernels.iso_cts import iso_cts_merge
+from mergekit_ace.methods.common import KernelMergeMethod, _number, lambda_parameter, shared
+
+PRETTY_NAME = "Iso-CTS"
+REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
+
+
+def iso_cts_method() -> KernelMergeMethod:
+    return KernelMergeMethod(
+        name="iso_cts",
+        pretty_name=PRETTY_NAME,
+        reference_url=REFERENCE_URL,
+        kernel=iso_cts_merge,
+        parameters=(
+            shared("common_space_fraction",
+                   _number("common_space_fraction", 0.0, 1.0, "in [0, 1]"), 0.8,
+                   "share of the rank given to the common subspace of the summed task vectors"),
+            lambda_parameter(),
+        ),
+    )
