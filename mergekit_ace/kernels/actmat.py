@@ -23,12 +23,18 @@ Two equivalent forms, the smaller one runs (``ActMatDiagnostics.form``):
   a ``[T m, T m]`` pseudo-inverse (the spec's "Cost" paragraph, with weights).
 
 The pseudo-inverse is never formed: the symmetric PSD Gram is diagonalized (``eigh``) and
-eigenvalues at or below ``max(T m, n) * eps(dtype) * lambda_max`` are treated as zero (the
-``torch.linalg.pinv`` / ``numpy.linalg.matrix_rank`` convention, with the same cutoff in both
-forms so they agree). Since the Gram's eigenvalues are squared singular values of ``D~``,
-directions whose singular value is below ``sqrt(max(T m, n) * eps) * sigma_max`` (about
+eigenvalues at or below ``rtol * lambda_max`` with ``rtol = max(T m, n) * eps(dtype)`` are
+treated as zero (the ``torch.linalg.pinv`` / ``numpy.linalg.matrix_rank`` convention, with the
+same cutoff in both forms so they agree). Since the Gram's eigenvalues are squared singular
+values of ``D~``, directions whose singular value is below ``sqrt(rtol) * sigma_max`` (about
 ``2e-2 sigma_max`` for a 4096-wide float32 layer, ``2e-6`` in float64) count as outside the
 span; compute in float64 (``dtype: float64``) to keep more of them.
+
+Accuracy: with ``A = sum_t w_t G_t``, ``sum_t w_t G_t A^+ = A A^+`` is the projector ``Pi``
+onto the kept row space, so with ``mean`` the weighted mean task vector, ``D* = mean Pi + (sum_t w_t (D_t - mean) G_t)
+A^+`` exactly. The kernel computes it that way: only the tasks' disagreement goes through the
+ill-conditioned ``A^+`` (whose rounding error grows with the cube of the condition number),
+and one task gives ``D_1 Pi = D_1`` to rounding.
 """
 
 from __future__ import annotations
@@ -39,9 +45,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_ace.kernels.common import TaskVectors
+from mergekit_ace.kernels.common import TaskVectors, weighted_mean_delta
 from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
-from mergekit_ace.kernels.linalg import psd_solve_right
+from mergekit_ace.kernels.linalg import psd_range
 
 FORMS = ("inputs", "tasks")
 
@@ -82,20 +88,28 @@ def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics) -> torch.Tensor:
     m, n = tv.base.shape
     T = len(tv.deltas)
     diag.rtol = max(T * m, n) * torch.finfo(tv.base.dtype).eps
+    # Anchored at the weighted mean task vector: sum_t w_t G_t A^+ = Pi (the projector onto
+    # the row space), so D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+. Exact algebra; it
+    # keeps the ill-conditioned solve off the part the tasks agree on (one task: D_1 Pi).
+    mean = weighted_mean_delta(tv)
     if T * m < n:
         diag.form = "tasks"
         roots = [math.sqrt(w) for w in tv.weights]
         stacked = torch.cat([r * d for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
-        H = torch.cat([r * (d @ d.T) for r, d in zip(roots, tv.deltas)], dim=1)  # [m, T m]
-        X, diag.rank = psd_solve_right(stacked @ stacked.T, H, diag.rtol)
-        return X @ stacked
-    diag.form = "inputs"
-    gram = tv.base.new_zeros(n, n)  # sum_t w_t G_t
-    rhs = tv.base.new_zeros(m, n)  # sum_t w_t D_t G_t
-    for w, d in zip(tv.weights, tv.deltas):
-        G = d.T @ d
-        gram.add_(G, alpha=w)
-        rhs.addmm_(d, G, alpha=w)
-        del G
-    merged, diag.rank = psd_solve_right(gram, rhs, diag.rtol)
-    return merged
+        lam, P = psd_range(stacked @ stacked.T, diag.rtol)
+        H = torch.cat([r * ((d - mean) @ d.T) for r, d in zip(roots, tv.deltas)], dim=1)
+        basis = (stacked.T @ P) / lam.sqrt()  # right singular vectors of the stack
+        correction = ((H @ P) / lam) @ (P.T @ stacked)
+    else:
+        diag.form = "inputs"
+        gram = tv.base.new_zeros(n, n)  # sum_t w_t G_t
+        rhs = tv.base.new_zeros(m, n)  # sum_t w_t (D_t - mean) G_t
+        for w, d in zip(tv.weights, tv.deltas):
+            G = d.T @ d
+            gram.add_(G, alpha=w)
+            rhs.addmm_(d - mean, G, alpha=w)
+            del G
+        lam, basis = psd_range(gram, diag.rtol)
+        correction = ((rhs @ basis) / lam) @ basis.T
+    diag.rank = int(lam.numel())
+    return correction.addmm_(mean @ basis, basis.T)

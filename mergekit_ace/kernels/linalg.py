@@ -71,16 +71,12 @@ def nearest_orthonormal(X: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
-def psd_solve_right(A: torch.Tensor, B: torch.Tensor, rtol: float) -> tuple[torch.Tensor, int]:
-    """``X = B A^+`` for a symmetric positive semi-definite ``A`` (``[n, n]``, ``B``:
-    ``[m, n]``) without forming ``A^+``: ``A = Q diag(lam) Q^T`` by ``eigh``, eigenvalues
-    at or below ``rtol * max(lam)`` count as zero (their directions get no update), and
-    ``X = ((B Q_r) / lam_r) Q_r^T``. Returns ``X`` and the numerical rank ``r`` used."""
+def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-pairs spanning the numerical range of a symmetric positive semi-definite ``A``
+    (``eigh``): ``(lam_r, Q_r)`` with the eigenvalues above ``rtol * max(lam)``, so that
+    ``A^+ = Q_r diag(1 / lam_r) Q_r^T`` without ever forming it. Eigenvalues at or below the
+    cutoff count as zero (their directions are outside the range)."""
     evals, evecs = torch.linalg.eigh(A)
     top = float(evals.max()) if evals.numel() else 0.0
-    if not top > 0.0:
-        return B.new_zeros(B.shape[0], A.shape[1]), 0
-    keep = evals > rtol * top
-    Q = evecs[:, keep]
-    X = ((B @ Q) / evals[keep]) @ Q.transpose(0, 1)
-    return X, int(keep.sum())
+    keep = evals > rtol * top if top > 0.0 else torch.zeros_like(evals, dtype=torch.bool)
+    return evals[keep], evecs[:, keep]

@@ -1,0 +1,113 @@
+"""Independent float64 re-derivations of ACTMat, TSV-M, Iso-C and Iso-CTS, for the tests.
+
+Written straight from the formulas (``shared/spec/actmat.md``; the TSV-M and Iso papers'
+algorithms in the layout of the authors' released code: zero-padded ``[m, r]`` buffers filled
+task by task), sharing no code with the package: explicit ``torch.linalg.pinv``, full SVDs,
+no rank tolerances. Valid for inputs whose task vectors and sums have full rank.
+"""
+
+import math
+
+import torch
+
+
+def _deltas(base, experts):
+    W0 = base.double()
+    taus = [e.double() - W0 for e in experts]
+    return W0, [t for t in taus if float((t * t).sum()) > 0]
+
+
+def _mean(W0, taus, lam):
+    return W0 + lam * sum(taus) / len(taus)
+
+
+def reference_actmat(base, experts, weights=None, lam=1.0):
+    W0 = base.double()
+    taus = [e.double() - W0 for e in experts]
+    w = [1.0] * len(taus) if weights is None else [float(x) for x in weights]
+    pairs = [(x, t) for x, t in zip(w, taus) if x > 0 and float((t * t).sum()) > 0]
+    if W0.dim() != 2:
+        return W0 + lam * sum(x * t for x, t in pairs) / sum(x for x, _ in pairs)
+    G = sum(x * t.T @ t for x, t in pairs)
+    num = sum(x * t @ (t.T @ t) for x, t in pairs)
+    return W0 + lam * num @ torch.linalg.pinv(G, hermitian=True)
+
+
+def _polar(X):
+    u, _, vh = torch.linalg.svd(X, full_matrices=False)
+    return u @ vh
+
+
+def reference_tsv(base, experts, lam=1.0):
+    W0, taus = _deltas(base, experts)
+    if W0.dim() != 2:
+        return _mean(W0, taus, lam)
+    T = len(taus)
+    m, n = W0.shape
+    r = min(m, n)
+    k = r // T
+    if k == 0:
+        return _mean(W0, taus, lam)
+    sum_u = torch.zeros(m, r, dtype=torch.float64)
+    sum_s = torch.zeros(r, dtype=torch.float64)
+    sum_v = torch.zeros(r, n, dtype=torch.float64)
+    for i, t in enumerate(taus):
+        u, s, v = torch.linalg.svd(t, full_matrices=False)
+        sum_u[:, i * k:(i + 1) * k] = u[:, :k]
+        sum_s[i * k:(i + 1) * k] = s[:k]
+        sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+    merged = _polar(sum_u) @ torch.diag(sum_s) @ _polar(sum_v.T).T
+    return W0 + lam * merged
+
+
+def reference_iso_c(base, experts, lam=1.0):
+    W0, taus = _deltas(base, experts)
+    if W0.dim() != 2:
+        return _mean(W0, taus, lam)
+    u, s, v = torch.linalg.svd(sum(taus), full_matrices=False)
+    return W0 + lam * s.mean() * (u @ v)
+
+
+def reference_iso_cts(base, experts, common_space_fraction=0.8, lam=1.0):
+    W0, taus = _deltas(base, experts)
+    if W0.dim() != 2:
+        return _mean(W0, taus, lam)
+    T = len(taus)
+    r = min(W0.shape)
+    common = int(r * common_space_fraction)
+    specific_total = round((r - common) / T) * T
+    common = r - specific_total
+    per_task = specific_total // T
+    assert common >= 0, "reference valid only where the budget fits"
+    u, s, v = torch.linalg.svd(sum(taus), full_matrices=False)
+    cu, cs, cv = u[:, :common], s[:common], v[:common, :]
+    all_u = torch.zeros(W0.shape[0], r, dtype=torch.float64)
+    all_s = torch.zeros(r, dtype=torch.float64)
+    all_v = torch.zeros(r, W0.shape[1], dtype=torch.float64)
+    for i, t in enumerate(taus):
+        rest = t - cu @ cu.T @ t
+        tu, ts, tv = torch.linalg.svd(rest, full_matrices=False)
+        all_u[:, i * per_task:(i + 1) * per_task] = tu[:, :per_task]
+        all_s[i * per_task:(i + 1) * per_task] = ts[:per_task]
+        all_v[i * per_task:(i + 1) * per_task, :] = tv[:per_task, :]
+    all_u[:, T * per_task:] = cu
+    all_s[T * per_task:] = cs
+    all_v[T * per_task:, :] = cv
+    merged = all_s.mean() * _polar(all_u) @ _polar(all_v.T).T
+    return W0 + lam * merged
+
+
+def make_experts(shape, count, seed=0, rank=3, scale=0.1):
+    """A base and ``count`` experts: base plus full-rank low-rank-plus-noise task vectors."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g)
+    experts = []
+    for _ in range(count):
+        if len(shape) == 2:
+            m, n = shape
+            low = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+            delta = low / math.sqrt(rank) + 0.3 * torch.randn(m, n, generator=g)
+        else:
+            delta = torch.randn(*shape, generator=g)
+        experts.append(base + scale * delta)
+    return base, experts

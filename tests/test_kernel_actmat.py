@@ -1,0 +1,115 @@
+"""The ACTMat kernel against an explicit float64 pseudo-inverse (tests/family_reference.py),
+in both of its forms, and the spec's exact cases: one task returns W_1, directions outside the
+span of the Gram keep W0."""
+
+import pytest
+import torch
+
+from mergekit_ace.kernels.actmat import actmat_merge
+from mergekit_ace.kernels.common import MergeInputError
+from tests.family_reference import make_experts, reference_actmat
+from tests.reference import rel_err
+
+CASES = [
+    # shape, experts, kwargs, form the kernel must pick
+    ((24, 16), 3, {}, "inputs"),
+    ((16, 24), 2, {}, "inputs"),  # T m = 32 >= n = 24
+    ((4, 32), 3, {}, "tasks"),  # T m = 12 < n = 32
+    ((6, 40), 2, {"weights": [3.0, 0.5]}, "tasks"),
+    ((24, 16), 3, {"weights": [2.0, 1.0, 0.25], "lam": 0.6}, "inputs"),
+]
+
+
+@pytest.mark.parametrize("shape,count,kwargs,form", CASES)
+def test_kernel_matches_explicit_pinv(shape, count, kwargs, form):
+    base, experts = make_experts(shape, count)
+    out, diag = actmat_merge(base, experts, **kwargs)
+    ref = reference_actmat(base, experts, **kwargs)
+    assert diag.branch == "actmat" and diag.form == form
+    assert diag.rank == min(count * shape[0], shape[1])
+    assert out.dtype == torch.float32
+    assert rel_err(out.double() - base.double(), ref - base.double()) < 1e-4
+    out64, diag64 = actmat_merge(base.double(), [e.double() for e in experts], **kwargs)
+    assert out64.dtype == torch.float64
+    assert rel_err(out64 - base.double(), ref - base.double()) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (4, 32)])
+def test_one_task_returns_the_expert(shape):
+    base, experts = make_experts(shape, 1)
+    out, diag = actmat_merge(base, experts)
+    assert diag.form == ("tasks" if shape[0] < shape[1] else "inputs")
+    assert rel_err(out - base, experts[0] - base) < 2e-6
+    out64, _ = actmat_merge(base.double(), [experts[0].double()])
+    assert torch.allclose(out64, experts[0].double(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (3, 40)])
+def test_directions_outside_the_span_keep_the_base(shape):
+    """Task vectors whose rows live in a 5-dim input subspace S: for x orthogonal to S the
+    merged layer maps x exactly as W0 does, and the update stays in the deltas' column span."""
+    m, n = shape
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    S, outside = basis[:, :5], basis[:, 5:]
+    base = torch.randn(m, n, generator=g, dtype=torch.float64)
+    deltas = [torch.randn(m, 5, generator=g, dtype=torch.float64) @ S.T for _ in range(3)]
+    out, diag = actmat_merge(base, [base + d for d in deltas])
+    assert diag.rank == min(5, 3 * m)
+    assert torch.allclose(out @ outside, base @ outside, rtol=0, atol=1e-12)
+    ref = reference_actmat(base, [base + d for d in deltas])
+    assert rel_err(out - base, ref - base) < 1e-9
+    cols = torch.linalg.svd(torch.cat(deltas, dim=1))[0][:, : min(m, 15)]
+    update = out - base
+    assert torch.allclose(update - cols @ (cols.T @ update), torch.zeros_like(update), atol=1e-12)
+
+
+def test_one_task_with_a_rank_deficient_gram_returns_the_expert():
+    base, _ = make_experts((12, 20), 1)
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(12, 2, generator=g) @ torch.randn(2, 20, generator=g)
+    out, diag = actmat_merge(base, [base + delta])
+    assert diag.rank == 2
+    assert rel_err(out - base, delta) < 1e-5
+
+
+def test_only_weight_ratios_matter_and_zero_leaves_a_model_out():
+    base, experts = make_experts((24, 16), 3)
+    a, _ = actmat_merge(base, experts, weights=[1.0, 2.0, 3.0])
+    b, _ = actmat_merge(base, experts, weights=[10.0, 20.0, 30.0])
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+    c, diag = actmat_merge(base, experts, weights=[1.0, 0.0, 3.0])
+    d, _ = actmat_merge(base, [experts[0], experts[2]], weights=[1.0, 3.0])
+    assert diag.participants == [0, 2]
+    assert torch.equal(c, d)
+
+
+def test_lambda_scales_the_merged_task_vector():
+    base, experts = make_experts((24, 16), 3)
+    one, _ = actmat_merge(base, experts)
+    half, _ = actmat_merge(base, experts, lam=0.5)
+    assert torch.allclose(half - base, 0.5 * (one - base), rtol=0, atol=1e-6)
+
+
+def test_non_2d_tensors_take_the_weighted_mean():
+    base, experts = make_experts((16,), 3)
+    out, diag = actmat_merge(base, experts, weights=[1.0, 1.0, 2.0])
+    assert diag.branch == "mean"
+    expected = base + (experts[0] + experts[1] + 2 * experts[2] - 4 * base) / 4
+    assert torch.allclose(out, expected, rtol=0, atol=1e-6)
+
+
+def test_unchanged_tensor_returns_the_base_and_bad_weights_are_refused():
+    base, _ = make_experts((8, 6), 1)
+    out, diag = actmat_merge(base, [base.clone(), base.clone()])
+    assert diag.branch == "unchanged" and torch.equal(out, base)
+    with pytest.raises(MergeInputError, match="weight"):
+        actmat_merge(base, [base + 1, base - 1], weights=[1.0, -1.0])
+
+
+def test_bf16_inputs_compute_in_float32_and_return_bf16():
+    base, experts = make_experts((24, 16), 3)
+    out, _ = actmat_merge(base.bfloat16(), [e.bfloat16() for e in experts])
+    assert out.dtype == torch.bfloat16
+    ref = reference_actmat(base.bfloat16(), [e.bfloat16() for e in experts])
+    assert rel_err(out.double() - base.bfloat16().double(), ref - base.bfloat16().double()) < 2e-2
