@@ -1,0 +1,251 @@
+"""PNG plots of an :class:`~mergekit_ace.inspect.InspectReport` (matplotlib, Agg backend).
+
+matplotlib is optional (the ``plots`` extra); :func:`require_matplotlib` says how to get it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+BRANCH_COLOURS = {
+    "heterogeneous": "#d95f02",
+    "homogeneous": "#1b9e77",
+    "gamma": "#bbbbbb",
+    "mean": "#7570b3",
+    "unchanged": "#eeeeee",
+    "copied": "#666666",
+}
+BRANCH_LABELS = {"gamma": "decided by gamma"}
+
+
+class MissingPlotDependency(RuntimeError):
+    pass
+
+
+def require_matplotlib():
+    """Import matplotlib with the non-interactive Agg backend, or explain how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingPlotDependency(
+            "the plots need matplotlib, which is not installed: "
+            "pip install 'mergekit-ace[plots]' (or pass --no-plots for the table only)"
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+OUTSIDE = "outside layers"
+
+
+def _grid(report) -> Tuple[List[str], List[str], Dict[Tuple[str, str], object]]:
+    """Branch-map axes for the 2-D tensors (1-D ones are always averaged): columns are the
+    layers, with tensors outside the layer stack (embeddings, head) in columns of their own
+    before or after them; rows are the module types, plus one row for those outside tensors."""
+    rows2d = [r for r in report.rows if len(r.shape) == 2]
+    layers = sorted({r.layer for r in rows2d if r.layer is not None})
+    first = min((i for i, r in enumerate(rows2d) if r.layer is not None), default=len(rows2d))
+    pre, post, modules, cells = [], [], [], {}
+    for i, row in enumerate(rows2d):
+        if row.layer is None:
+            column, module = row.module.split(".")[-1], OUTSIDE
+            (pre if i < first else post).append(column)
+        else:
+            column, module = str(row.layer), row.module
+        cells[(column, module)] = row
+        if module not in modules:
+            modules.append(module)
+    if OUTSIDE in modules:
+        modules.remove(OUTSIDE)
+        modules.append(OUTSIDE)
+    return pre + [str(layer) for layer in layers] + post, modules, cells
+
+
+def _layer_modules(report, two_d_only: bool = True) -> List[str]:
+    seen = []
+    for row in report.rows:
+        if row.layer is not None and row.module not in seen and (len(row.shape) == 2 or not two_d_only):
+            seen.append(row.module)
+    return seen
+
+
+def _series(report, module: str, value) -> Tuple[List[int], List[float]]:
+    xs, ys = [], []
+    for row in report.rows:
+        if row.module == module and row.layer is not None:
+            y = value(row)
+            if y is not None and math.isfinite(y):
+                xs.append(row.layer)
+                ys.append(y)
+    return xs, ys
+
+
+def plot_gamma(report, path: Path) -> Optional[str]:
+    """gamma per layer, one line per module type, against each module type's ``tau``."""
+    plt = require_matplotlib()
+    modules = [m for m in _layer_modules(report) if _series(report, m, lambda r: r.gamma)[0]]
+    if not modules:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    cmap = plt.get_cmap("tab10")
+    taus: Dict[tuple, List[str]] = {}
+    for i, module in enumerate(modules):
+        xs, ys = _series(report, module, lambda r: r.gamma)
+        ax.plot(xs, ys, marker="o", ms=3.5, lw=1.2, color=cmap(i % 10), label=module)
+        hetero = [(x, y) for x, y, r in zip(xs, ys, [r for r in report.rows if r.module == module
+                                                        and r.layer is not None and r.gamma is not None])
+                  if r.branch == "heterogeneous"]
+        if hetero:
+            ax.scatter(*zip(*hetero), s=40, facecolors="none", edgecolors=cmap(i % 10), lw=1.2)
+        tau = tuple(_series(report, module, lambda r: r.parameters.get("tau")))
+        taus.setdefault((tuple(tau[0]), tuple(tau[1])), []).append(module)
+    # one dashed threshold line per distinct tau profile (per-tensor filters give several)
+    for n, ((tx, ty), group) in enumerate(taus.items()):
+        label = "tau" if len(taus) == 1 else f"tau ({', '.join(group)})"
+        ax.plot(tx, ty, ls=("--", ":", "-.")[n % 3], color="black", lw=1.2, label=label,
+                drawstyle="steps-mid")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("gamma = var(log e) / mean(log e)^2")
+    ax.set_title("Heterogeneity gamma by layer (circled: heterogeneous branch, gamma > tau)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_energy(report, path: Path) -> Optional[str]:
+    """Each expert's task-vector energy ``||W_t - W0||_F^2`` by layer, one panel per module type."""
+    plt = require_matplotlib()
+    modules = [m for m in _layer_modules(report, two_d_only=False)
+               if any(r.energies for r in report.rows if r.module == m)]
+    if not modules or not report.experts:
+        return None
+    cols = min(4, len(modules))
+    rows = math.ceil(len(modules) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    cmap = plt.get_cmap("tab10")
+    for ax, module in zip(axes.flat, modules):
+        for j, label in enumerate(report.experts):
+            xs, ys = _series(report, module, lambda r: (r.energies or [None] * (j + 1))[j])
+            ys = [max(y, 1e-30) for y in ys]
+            ax.plot(xs, ys, marker="o", ms=2.5, lw=1.0, color=cmap(j % 10), label=label)
+        ax.set_yscale("log")
+        ax.set_title(module, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(modules):]:
+        ax.axis("off")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes[-1]:
+        ax.set_xlabel("layer", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("Task-vector energy ||W_t - W_0||_F^2 per expert", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_branches(report, path: Path) -> Optional[str]:
+    """Branch map: module types x layers, each cell coloured by the branch ACE takes."""
+    plt = require_matplotlib()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    columns, modules, cells = _grid(report)
+    if not columns:
+        return None
+    names = list(BRANCH_COLOURS)
+    index = {b: i for i, b in enumerate(names)}
+    grid = [[math.nan] * len(columns) for _ in modules]
+    for (column, module), row in cells.items():
+        grid[modules.index(module)][columns.index(column)] = index.get(row.branch, index["copied"])
+    import numpy as np
+
+    data = np.ma.masked_invalid(np.array(grid, dtype=float))
+    cmap = ListedColormap([BRANCH_COLOURS[b] for b in names])
+    cmap.set_bad("white")
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(columns) + 3), max(2.5, 0.38 * len(modules) + 1.5)))
+    ax.imshow(data, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(modules)))
+    ax.set_yticklabels(modules, fontsize=8)
+    step = max(1, len(columns) // 40)
+    ax.set_xticks(range(0, len(columns), step))
+    ax.set_xticklabels(columns[::step], fontsize=7, rotation=90 if len(columns) > 12 else 0)
+    ax.set_xlabel("layer (embeddings and head at the ends; 1-D tensors are averaged, not shown)")
+    if len(columns) * len(modules) <= 400:
+        for (column, module), row in cells.items():
+            if row.gamma is not None:
+                ax.text(columns.index(column), modules.index(module), f"{row.gamma:.2g}",
+                        ha="center", va="center", fontsize=6, color="black")
+    present = [b for b in names if any(r.branch == b for r in cells.values())]
+    ax.legend(handles=[Patch(color=BRANCH_COLOURS[b], label=BRANCH_LABELS.get(b, b)) for b in present],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title("ACE branch per tensor (numbers: gamma)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_concentration(report, path: Path) -> Optional[str]:
+    """Spectral concentration (paper Fig. 2): cumulative share of squared singular-value mass
+    against the fraction of directions, for W_pre (left) and the final W (right), one curve per
+    tensor coloured by module type."""
+    plt = require_matplotlib()
+    rows = [r for r in report.rows if r.spectrum_pre]
+    if not rows:
+        return None
+    modules = []
+    for r in rows:
+        if r.module not in modules:
+            modules.append(r.module)
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, attr, title in ((axes[0], "spectrum_pre", "preliminary W_pre"),
+                            (axes[1], "spectrum_post", "final W (after refinement)")):
+        for r in rows:
+            curve = getattr(r, attr)
+            if not curve:
+                continue
+            xs = [i / (len(curve) - 1) for i in range(len(curve))]
+            ax.plot(xs, curve, lw=0.8, alpha=0.6, color=cmap(modules.index(r.module) % 10))
+        ax.axvline(0.05, color="black", ls="--", lw=1.0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("fraction of singular directions")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("share of squared singular-value mass")
+    handles = [plt.Line2D([], [], color=cmap(i % 10), label=m) for i, m in enumerate(modules)]
+    handles.append(plt.Line2D([], [], color="black", ls="--", label="top 5 %"))
+    axes[1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle("Spectral concentration of the merged task vector", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_plots(report, out_dir: Path) -> Dict[str, str]:
+    """All plots that the report has data for; returns ``{kind: path}``."""
+    require_matplotlib()
+    out_dir = Path(out_dir)
+    files = {}
+    for kind, plot in (("gamma", plot_gamma), ("energy", plot_energy),
+                       ("branches", plot_branches), ("concentration", plot_concentration)):
+        path = plot(report, out_dir / f"{kind}.png")
+        if path:
+            files[kind] = path
+    return files

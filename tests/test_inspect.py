@@ -1,0 +1,289 @@
+"""``mergekit-ace inspect``: the reported numbers against the kernel's own diagnostics and an
+independent gamma, per-tensor filters, the plots, estimate-only mode on an 8B-sized config
+(header-only checkpoints), and that no merged model is ever written."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
+from tests.tiny_models import model_list, run_cli, write_config
+
+EXPERTS = ["expert_math", "expert_code", "expert_chat"]
+MLP_TAU = 5.0  # between the tiny family's mlp gammas (about 3.5 .. 5.6): some flip branch
+REPORT_FILES = {"inspect.csv", "inspect.json", "gamma.png", "energy.png", "branches.png",
+                "concentration.png"}
+FLOP_RATE = 1e9  # in-process runs skip the calibration
+
+
+def ace_config(paths, tau_filter: bool) -> dict:
+    tau = [{"filter": "mlp", "value": MLP_TAU}, {"value": 0.3}] if tau_filter else 0.3
+    return {
+        "merge_method": "ace",
+        "base_model": str(paths["base"]),
+        "models": model_list(paths, EXPERTS),
+        "parameters": {"tau": tau, "eps": 1e-5},
+        "dtype": "float32",
+    }
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inspected(tiny_family, tmp_path_factory):
+    """One real `mergekit-ace inspect` run (a fresh process) on a config with an mlp filter."""
+    work = tmp_path_factory.mktemp("inspect")
+    config = write_config(work / "ace.yml", ace_config(tiny_family, tau_filter=True))
+    models_root = tiny_family["base"].parent
+    before = tree(models_root)
+    result = run_cli("mergekit-ace", ["inspect", config, "--out", work / "report", "--quiet"])
+    report = json.loads((work / "report" / "inspect.json").read_text())
+    return {"work": work, "result": result, "report": report, "rows": {r["name"]: r for r in report["rows"]},
+            "models_before": before, "models_root": models_root}
+
+
+def independent_gamma(energies):
+    logs = [math.log(e + 1e-12) for e in energies]
+    mean = sum(logs) / len(logs)
+    var = sum((x - mean) ** 2 for x in logs) / (len(logs) - 1)
+    return var / (mean * mean + 1e-12)
+
+
+def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
+    states = {name: load_file(tiny_family[name] / "model.safetensors") for name in ["base"] + EXPERTS}
+    rows = inspected["rows"]
+    assert len(rows) == len(states["base"])
+    assert inspected["report"]["experts"] == EXPERTS
+    matrices = 0
+    for name, row in rows.items():
+        base = states["base"][name]
+        experts = [states[e][name] for e in EXPERTS]
+        energies = [float((e.double() - base.double()).square().sum()) for e in experts]
+        assert row["energies"] == pytest.approx(energies, rel=1e-4)
+        tau = MLP_TAU if ".mlp." in name else 0.3
+        assert row["parameters"]["tau"] == tau
+        _, diag = ace_merge(base, experts, tau=tau, eps=1e-5, spectra=True, tensor_name=name)
+        assert row["branch"] == diag.branch
+        assert tuple(row["shape"]) == tuple(base.shape)
+        if base.dim() != 2:
+            assert row["branch"] == "mean" and row["gamma"] is None
+            continue
+        matrices += 1
+        gamma = independent_gamma(energies)
+        assert row["gamma"] == pytest.approx(gamma, rel=1e-4)
+        assert row["branch"] == ("heterogeneous" if gamma > tau else "homogeneous")
+        assert row["gamma"] == pytest.approx(diag.gamma, rel=1e-9)
+        assert row["k"] == diag.k and row["solver"] == diag.solver
+        assert row["rcond"] == pytest.approx(diag.rcond, rel=1e-3)
+        assert row["condition"] == pytest.approx(1.0 / diag.rcond, rel=1e-3)
+        for key in ("concentration_pre", "concentration_post"):
+            assert row[key] == pytest.approx(getattr(diag, key), rel=1e-4, abs=1e-6)
+        if diag.sigma_iso is None:
+            assert row["sigma_iso"] is None
+        else:
+            assert row["sigma_iso"] == pytest.approx(diag.sigma_iso, rel=1e-4)
+        cost = estimate_ace_cost(tuple(base.shape), len(experts), 4)
+        assert row["flops"] == pytest.approx(cost["flops"])
+        assert row["workspace_bytes"] == cost["bytes"]
+        assert row["peak_bytes"] > cost["bytes"]
+        assert row["est_seconds"] == pytest.approx(cost["flops"] / inspected["report"]["flop_rate"])
+    assert matrices == 16
+    branches = {r["branch"] for r in rows.values()}
+    assert {"heterogeneous", "homogeneous", "mean"} <= branches
+
+
+def test_csv_has_one_row_per_tensor_with_energy_columns(inspected):
+    import csv
+
+    with open(inspected["work"] / "report" / "inspect.csv", newline="") as fp:
+        records = list(csv.DictReader(fp))
+    assert [r["name"] for r in records] == list(inspected["rows"])
+    for rec in records:
+        row = inspected["rows"][rec["name"]]
+        assert rec["branch"] == row["branch"]
+        for label, energy in zip(EXPERTS, row["energies"]):
+            assert float(rec[f"energy[{label}]"]) == pytest.approx(energy)
+        if row["gamma"] is not None:
+            assert float(rec["gamma"]) == pytest.approx(row["gamma"])
+            assert float(rec["tau"]) == row["parameters"]["tau"]
+
+
+def test_filter_changes_exactly_the_mlp_rows(inspected, tiny_family, tmp_path):
+    from mergekit_ace.inspect import inspect_config
+
+    config = write_config(tmp_path / "plain.yml", ace_config(tiny_family, tau_filter=False))
+    plain = {r.name: r for r in inspect_config(str(config), quiet=True, flop_rate=FLOP_RATE).rows}
+    filtered = inspected["rows"]
+    assert set(plain) == set(filtered)
+    changed = {n for n in plain if plain[n].parameters["tau"] != filtered[n]["parameters"]["tau"]}
+    assert changed == {n for n in plain if ".mlp." in n}
+    flipped = {n for n in plain if plain[n].branch != filtered[n]["branch"]}
+    assert flipped and flipped <= changed
+    for name in plain:  # the data-dependent numbers do not depend on the filter
+        assert plain[name].gamma == filtered[name]["gamma"]
+        if name not in flipped:
+            assert plain[name].k == filtered[name]["k"]
+
+
+def test_plots_are_real_pngs(inspected):
+    from matplotlib.image import imread
+
+    out = inspected["work"] / "report"
+    for name in ("gamma.png", "energy.png", "branches.png", "concentration.png"):
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 10_000
+        pixels = imread(path)
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
+        assert float(pixels[..., :3].std()) > 0.05
+
+
+def test_summary_and_no_model_written(inspected):
+    out = inspected["result"].stdout
+    assert "heterogeneous" in out and "homogeneous" in out
+    assert "heaviest tensor:" in out and "predicted peak memory:" in out
+    counts = inspected["report"]["summary"]["branches"]
+    assert f"{counts['heterogeneous']} heterogeneous" in out
+    work = inspected["work"]
+    assert {p.name for p in (work / "report").iterdir()} == REPORT_FILES
+    assert {p.name for p in work.iterdir()} == {"ace.yml", "report"}
+    assert tree(inspected["models_root"]) == inspected["models_before"]
+
+
+def test_estimate_only_reads_no_tensor_data(inspected, tiny_family, tmp_path, monkeypatch):
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+
+    from mergekit_ace.inspect import inspect_config
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("estimate-only mode read tensor data")
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", refuse)
+    config = write_config(tmp_path / "ace.yml", ace_config(tiny_family, tau_filter=True))
+    report = inspect_config(str(config), estimate_only=True, quiet=True,
+                            flop_rate=inspected["report"]["flop_rate"])
+    full = inspected["rows"]
+    assert [r.name for r in report.rows] == list(full)
+    for row in report.rows:
+        assert list(row.shape) == full[row.name]["shape"]
+        assert row.flops == pytest.approx(full[row.name]["flops"])
+        assert row.peak_bytes == full[row.name]["peak_bytes"]
+        assert row.branch == ("mean" if len(row.shape) != 2 else "gamma")
+        assert row.gamma is None and row.energies is None
+
+
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, layers=32, vocab=128256, heads=32, kv_heads=8)
+
+
+def header_only_llama(path: Path, spec: dict) -> None:
+    """A Llama checkpoint whose safetensors file is a header plus a sparse (unwritten) data
+    region: its shapes are real, its size on disk is a few KB."""
+    h, i, v = spec["hidden"], spec["intermediate"], spec["vocab"]
+    kv = h // spec["heads"] * spec["kv_heads"]
+    shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
+    for layer in range(spec["layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
+            p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
+            p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h],
+            p + "mlp.down_proj.weight": [h, i], p + "input_layernorm.weight": [h],
+            p + "post_attention_layernorm.weight": [h],
+        })
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.mkdir(parents=True)
+    with open(path / "model.safetensors", "wb") as fp:
+        fp.write(struct.pack("<Q", len(blob)))
+        fp.write(blob)
+        fp.truncate(8 + len(blob) + offset)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": i, "num_hidden_layers": spec["layers"],
+        "num_attention_heads": spec["heads"], "num_key_value_heads": spec["kv_heads"],
+        "vocab_size": v, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "max_position_embeddings": 8192,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+
+    from mergekit_ace.inspect import inspect_config, summary_text
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", lambda *a, **k: pytest.fail("data read"))
+    names = ["base", "math", "code", "chat"]
+    for name in names:
+        header_only_llama(tmp_path / name, LLAMA3_8B)
+    config = write_config(tmp_path / "ace.yml", {
+        "merge_method": "ace", "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / n)} for n in names[1:]],
+        "parameters": {"gate": [{"filter": "mlp", "value": "on"}, {"value": "auto"}]},
+        "dtype": "bfloat16",
+    })
+    report = inspect_config(str(config), estimate_only=True, quiet=True, flop_rate=1e12)
+    assert len(report.rows) == 3 + 32 * 9
+    down = next(r for r in report.rows if r.name == "model.layers.0.mlp.down_proj.weight")
+    assert down.shape == (4096, 14336) and down.branch == "heterogeneous"
+    assert down.workspace_bytes == estimate_ace_cost((4096, 14336), 3, 4)["bytes"]
+    q = next(r for r in report.rows if r.name == "model.layers.0.self_attn.q_proj.weight")
+    assert q.branch == "gamma"
+    heaviest = report.heaviest()
+    assert heaviest.name in ("lm_head.weight", "model.embed_tokens.weight")
+    assert report.peak_bytes() == heaviest.peak_bytes > 20 * 2**30
+    text = summary_text(report)
+    assert "estimate only" in text and "GB" in text
+
+
+def test_cuda_flag_without_a_gpu_fails_cleanly(tmp_path, tiny_family):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; see test_cuda_matches_cpu")
+    from click.testing import CliRunner
+
+    from mergekit_ace.cli import main
+
+    config = write_config(tmp_path / "ace.yml", ace_config(tiny_family, tau_filter=False))
+    result = CliRunner().invoke(main, ["inspect", str(config), "--cuda", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "CUDA" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(inspected, tiny_family, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mergekit_ace.inspect import inspect_config
+
+    config = write_config(tmp_path / "ace.yml", ace_config(tiny_family, tau_filter=True))
+    report = inspect_config(str(config), device="cuda", quiet=True)
+    for row in report.rows:
+        cpu = inspected["rows"][row.name]
+        assert row.branch == cpu["branch"]
+        if row.gamma is not None:
+            assert row.gamma == pytest.approx(cpu["gamma"], rel=1e-4)
+
+
+def test_missing_matplotlib_is_explained(monkeypatch):
+    import sys
+
+    from mergekit_ace.inspect_plots import MissingPlotDependency, require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingPlotDependency, match=r"mergekit-ace\[plots\]"):
+        require_matplotlib()
