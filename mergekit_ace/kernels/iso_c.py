@@ -2,7 +2,7 @@
 
 Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
 Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv 2502.04959
-(https://arxiv.org/abs/2502.04959), Sec. 4.2 (Iso-C), following the authors' released code.
+(https://arxiv.org/abs/2502.04959), Iso-C, following the authors' released code.
 
 Per 2-D tensor: the task-arithmetic sum ``M = sum_t tau_t`` is decomposed, ``M = U diag(s)
 V^T``, and its spectrum is flattened: every singular value becomes their mean,

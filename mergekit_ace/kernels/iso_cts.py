@@ -2,7 +2,7 @@
 
 Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind:
 Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv 2502.04959
-(https://arxiv.org/abs/2502.04959), Sec. 4.3 (Iso-CTS), following the authors' released code.
+(https://arxiv.org/abs/2502.04959), Iso-CTS, following the authors' released code.
 
 Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t tau_t``:
 
@@ -16,7 +16,8 @@ Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t ta
 4. concatenate common and task-specific ``U`` (``[m, r]``) and ``V`` and replace each by its
    nearest orthonormal matrix (polar factor, as in TSV-M);
 5. isotropic scale: ``s_bar`` = mean of the concatenated singular values (``s_c`` and the
-   task-specific ones), as the released code computes it;
+   task-specific ones), as the released code computes it (``docs/family.md`` discusses the
+   other reading, Iso-C's mean of all the sum's singular values);
 6. merged ``s_bar U_perp V_perp^T``, output ``W0 + lam * merged``.
 
 ``common_space_fraction = 1`` (or more tasks than rank, ``p = 0``) is exactly Iso-C. Numerically

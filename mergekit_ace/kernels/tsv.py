@@ -2,7 +2,7 @@
 
 Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular Vectors:
 Reducing Task Interference in Model Merging", CVPR 2025, arXiv 2412.00081
-(https://arxiv.org/abs/2412.00081), Sec. 4 (TSV-Merge), following the authors' released
+(https://arxiv.org/abs/2412.00081), TSV-Merge, following the authors' released
 implementation.
 
 Per 2-D tensor ``[m, n]`` with ``r = min(m, n)`` and ``T`` task vectors ``tau_t = W_t - W0``:
