@@ -7,9 +7,10 @@ grow with the number of experts: the per-task ``[n, n]`` proxies are folded into
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,11 +18,16 @@ from mergekit_ace.kernels.common import (
     check_inputs,
     compute_dtype_for,
     finish,
+    TaskVectors,
     normalized_weights,
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import solve_right
+from mergekit_ace.kernels.linalg import (
+    solve_right,
+    solve_right_spd_rank_one,
+    top_k_isotropic_update,
+)
 
 GATES = ("auto", "on", "off")
 GATE_STATISTICS = ("gamma", "log_spread")
@@ -31,7 +37,13 @@ LOG_FLOOR = 1e-12
 # or the width n: the largest at which a float32 LU solve still keeps about half of float32's
 # 24 significant bits (condition * unit round-off ~ 2.4e-4).
 AUTO_RIDGE = 2.0**-12
-TOP_FRACTION = 0.05  # the paper's Fig. 2 reads spectral concentration off the top 5 %
+TOP_FRACTION = 0.05
+OOM_FALLBACKS = ("cpu", "error")
+# Share of the free GPU memory the estimated workspace may take: the estimate ignores the
+# allocator's fragmentation and cuBLAS/cuSOLVER handles.
+CUDA_HEADROOM = 0.9
+
+logger = logging.getLogger(__name__)  # the paper's Fig. 2 reads spectral concentration off the top 5 %
 
 
 @dataclass
@@ -62,6 +74,8 @@ class AceDiagnostics:
     sigma_iso: Optional[float] = None
     solver: Optional[str] = None
     rcond: Optional[float] = None
+    spectral: Optional[str] = None
+    device: Optional[str] = None
     ridge: Optional[float] = None
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None
@@ -143,6 +157,8 @@ def ace_merge(
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
     spectra: bool = False,
+    oom_fallback: str = "cpu",
+    free_device_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, AceDiagnostics]:
     """Merge one tensor with ACE; returns ``(W0 + lam * W, diagnostics)``.
 
@@ -155,17 +171,44 @@ def ace_merge(
     runs in ``compute_dtype`` (float32, or float64 if any input is) on the inputs' device;
     the result is cast to ``out_dtype`` (default: the base tensor's dtype). ``spectra=True``
     also records singular values before and after refinement (two extra SVDs).
+
+    On CUDA, a 2-D tensor whose estimated workspace (:func:`estimate_ace_cost`) does not fit
+    in the free device memory is handled by ``oom_fallback``: ``"cpu"`` computes it on the
+    CPU (with a warning) and returns the result on the inputs' device, ``"error"`` raises
+    :class:`AceOutOfMemoryError` before any work. ``free_device_bytes`` overrides the
+    measured free memory (for tests and callers that budget memory themselves).
     """
     validate_ace_parameters(
         eps=eps, tau=tau, gate=gate, k_frac=k_frac, lam=lam, gate_statistic=gate_statistic
     )
+    if oom_fallback not in OOM_FALLBACKS:
+        raise ValueError(
+            f"oom_fallback must be one of {', '.join(OOM_FALLBACKS)}, got {oom_fallback!r}"
+        )
     check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
     w_all = normalized_weights(
         weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
     )
     dtype = compute_dtype or compute_dtype_for(base, *experts)
     out_dtype = out_dtype or base.dtype
-    tv = task_vectors(base, experts, w_all, dtype)
+    if base.dim() == 2 and base.device.type == "cuda":
+        free = free_device_bytes if free_device_bytes is not None else cuda_free_bytes(base.device)
+        if needs_cpu_fallback(
+            tuple(base.shape), len(experts), torch.finfo(dtype).bits // 8, free,
+            policy=oom_fallback, tensor_name=tensor_name,
+        ):
+            out, diag = ace_merge(
+                base.cpu(), [e.cpu() for e in experts], weights=weights, eps=eps, tau=tau,
+                gate=gate, gate_statistic=gate_statistic, refine=refine, k_frac=k_frac,
+                prior=prior, lam=lam, compute_dtype=dtype, out_dtype=out_dtype,
+                tensor_name=tensor_name, expert_names=expert_names, spectra=spectra,
+            )
+            diag.device = "cpu (fallback)"
+            return _return_to(out, base.device), diag
+    if base.dim() != 2:
+        tv = task_vectors(base, experts, w_all, dtype)
+    else:
+        tv = _participants(base, experts, w_all, dtype)
     diag = AceDiagnostics(
         tensor=tensor_name,
         shape=tuple(base.shape),
@@ -175,7 +218,7 @@ def ace_merge(
         weights=tv.weights,
         gate_statistic=gate_statistic,
     )
-    if not tv.deltas:
+    if not tv.indices:
         return base.to(out_dtype), diag
     if base.dim() != 2:
         diag.branch = "mean"
@@ -187,9 +230,11 @@ def ace_merge(
     heterogeneous = choose_branch(statistic, tau, gate)
     diag.branch = "heterogeneous" if heterogeneous else "homogeneous"
     merged = _solve_2d(
-        tv.deltas,
+        (experts[i].to(dtype) - tv.base for i in tv.indices),  # one task vector at a time
         tv.weights,
         tv.energies,
+        shape=tuple(base.shape),
+        like=tv.base,
         heterogeneous=heterogeneous,
         eps=eps,
         refine=refine,
@@ -199,6 +244,72 @@ def ace_merge(
         spectra=spectra,
     )
     return finish(tv.base, merged, lam, out_dtype, tensor_name), diag
+
+
+def _participants(base, experts, weights, dtype) -> TaskVectors:
+    """:func:`task_vectors` without keeping the task vectors: energies, participants and
+    renormalized weights, computed one expert at a time (``deltas`` is left empty; the
+    caller re-forms each ``tau_t`` when it needs it, so memory does not grow with ``T``)."""
+    base_c = base.to(dtype)
+    indices, energies, all_energies, kept = [], [], [], []
+    for i, expert in enumerate(experts):
+        one = task_vectors(base_c, [expert], [weights[i]], dtype)
+        all_energies.extend(one.all_energies)
+        if one.indices:
+            indices.append(i)
+            energies.extend(one.energies)
+            kept.append(weights[i])
+        del one
+    total = sum(kept)
+    kept = [len(kept) * w / total for w in kept] if kept else []
+    return TaskVectors(base_c, [], indices, kept, energies, all_energies)
+
+
+def _return_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU-fallback result back to the inputs' device."""
+    return tensor.to(device)
+
+
+class AceOutOfMemoryError(MemoryError):
+    """A tensor's ACE workspace does not fit in free GPU memory and ``oom_fallback`` is
+    ``error``; the message names the tensor, the sizes and what to change."""
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: the driver's free bytes plus what PyTorch's caching
+    allocator holds but does not use (it can hand that out again)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def needs_cpu_fallback(
+    shape: Sequence[int],
+    n_experts: int,
+    bytes_per_element: int,
+    free_bytes: int,
+    *,
+    policy: str = "cpu",
+    tensor_name: Optional[str] = None,
+) -> bool:
+    """Decide where a CUDA tensor is merged. True: on the CPU (``policy="cpu"``, logged);
+    False: the estimated workspace fits in ``CUDA_HEADROOM`` of ``free_bytes``;
+    ``policy="error"`` raises :class:`AceOutOfMemoryError` instead of falling back."""
+    need = estimate_ace_cost(shape, n_experts, bytes_per_element)["bytes"]
+    if need <= CUDA_HEADROOM * free_bytes:
+        return False
+    where = f"tensor {tensor_name!r}" if tensor_name else "a tensor"
+    sizes = (
+        f"{where} of shape {list(shape)} with {n_experts} expert(s) needs about "
+        f"{need / 2**30:.2f} GiB of GPU workspace but only {free_bytes / 2**30:.2f} GiB is free"
+    )
+    if policy == "error":
+        raise AceOutOfMemoryError(
+            f"{sizes}. Set `oom_fallback: cpu` under `parameters:` to merge such tensors on the "
+            "CPU, or free GPU memory (drop --read-to-gpu, merge fewer experts at once, or run "
+            "without --cuda)."
+        )
+    logger.warning("ACE: %s; merging it on the CPU (oom_fallback: cpu).", sizes)
+    return True
 
 
 def concentration(singular_values: torch.Tensor, top_fraction: float = TOP_FRACTION) -> float:
@@ -211,29 +322,63 @@ def concentration(singular_values: torch.Tensor, top_fraction: float = TOP_FRACT
     return float(energy.sort(descending=True).values[:top].sum()) / total
 
 
-def estimate_ace_cost(shape: Sequence[int], n_experts: int, bytes_per_element: int = 4) -> dict:
+def estimate_ace_cost(
+    shape: Sequence[int], n_experts: int, bytes_per_element: int = 4, *, refine: bool = True
+) -> dict:
     """Peak extra memory (bytes) and floating-point work of ``ace_merge`` on one tensor.
 
-    Counts the kernel's own workspace (two ``[n, n]`` and six ``[m, n]`` buffers at most),
-    not the ``T + 1`` inputs mergekit has already loaded. Flops: ``T`` Gram products and
-    ``T`` proxy products (``4 T m n^2``), the LU solve (``~2/3 n^3 + 2 m n^2``) and one thin
-    SVD (``~4 m n r + 8 r^3`` with ``r = min(m, n)``).
+    ``bytes`` is the kernel's own peak workspace, not the ``T + 1`` input tensors mergekit
+    has already loaded; it does not depend on ``n_experts`` (task vectors are formed one at
+    a time). ``bytes_per_element`` is the compute dtype's size (4: float32). ``refine=False``
+    gives the homogeneous branch (no spectral step). Also returned: ``flops`` (total),
+    ``flops_grams`` / ``flops_solve`` / ``flops_spectral`` (its parts) and ``phase`` (which
+    phase sets the peak: ``"accumulate"``, ``"solve"`` or ``"spectral"``).
     """
     if len(shape) != 2:
         size = math.prod(shape)
         return {"bytes": 2 * size * bytes_per_element, "flops": 2 * n_experts * size}
     m, n = shape
     r = min(m, n)
-    workspace = (2 * n * n + 6 * m * n) * bytes_per_element
-    flops = 4 * n_experts * m * n * n + (2 / 3) * n**3 + 2 * m * n * n + 4 * m * n * r + 8 * r**3
-    return {"bytes": int(workspace), "flops": float(flops)}
+    k = math.floor(0.3 * r)
+    b = bytes_per_element
+    mn = m * n
+    short_rows = 2 * m < n
+    # Accumulation: S_sum [n, n]; base in compute dtype, Q (and C_eps, T_sum with
+    # refinement) [m, n]; per task: the task vector, its centered copy and one temporary
+    # ([m, n] for the trace, [m, m] C C^T or [n, n] C^T C).
+    persistent = n * n + mn * (4 if refine else 2)
+    per_task = max(2 * mn, mn + (m * m if short_rows else n * n))
+    accumulate = (persistent + per_task) * b
+    # Solve: base, D, N, the system and its Cholesky (or LU) factor, the solution.
+    solve = ((3 if refine else 2) * mn + 2 * n * n + mn) * b
+    spectral = 0
+    if refine:
+        # base, W_pre, F, the update; float64 Gram + eigenvectors (+ eigh workspace),
+        # a float64 block of F (<= 256 MiB), the [r, r] projector.
+        spectral = 4 * mn * b + 3 * 8 * r * r + min(256 * 2**20, 8 * mn) + r * r * b
+    peak = max(accumulate, solve, spectral)
+    phase = {accumulate: "accumulate", solve: "solve", spectral: "spectral"}[peak]
+    grams = n_experts * (2 * m * n * n + (4 * m * m * n if short_rows else 2 * m * n * n))
+    grams += 2 * m * n * n if refine else 0  # T_sum Rbar
+    solve_flops = n**3 / 3 + 2 * m * n * n
+    spectral_flops = (2 * m * n * r + 4 * r**3 + 2 * r * r * k + 2 * m * n * r) if refine else 0
+    return {
+        "bytes": int(peak),
+        "flops": float(grams + solve_flops + spectral_flops),
+        "flops_grams": float(grams),
+        "flops_solve": float(solve_flops),
+        "flops_spectral": float(spectral_flops),
+        "phase": phase,
+    }
 
 
 def _solve_2d(
-    deltas: List[torch.Tensor],
+    deltas: Iterable[torch.Tensor],
     weights: List[float],
     energies: List[float],
     *,
+    shape: Tuple[int, int],
+    like: torch.Tensor,
     heterogeneous: bool,
     eps: Union[float, str],
     refine: bool,
@@ -243,16 +388,27 @@ def _solve_2d(
     spectra: bool,
 ) -> torch.Tensor:
     """Steps 2-6 of the spec for one ``[m, n]`` tensor; returns the merged task vector ``W``
-    and fills ``diag`` (solver, ridge, k, sigma_iso, spectra)."""
-    m, n = deltas[0].shape
-    like = deltas[0]
-    do_refine = heterogeneous and refine
-    # Running sums (spec, "Cost"): S_sum = sum w Shat_t, ridge = sum w eps_t,
-    # Q = sum w C_t Shat_t, C_eps = sum w eps_t C_t; for refinement also
-    # q = sum w mu_t^T Shat_t (so sum w tau_t Shat_t = Q + 1 q^T) and T_sum = sum w tau_t.
+    and fills ``diag`` (solver, ridge, k, sigma_iso, spectra).
+
+    ``deltas`` is consumed once, one task vector at a time, so the workspace does not grow
+    with the number of experts (see :func:`estimate_ace_cost`). ``like`` gives the compute
+    dtype and device.
+    """
+    m, n = shape
+    k = math.floor(min(m, n) * k_frac) if heterogeneous and refine else 0
+    diag.k = k
+    do_refine = k > 0  # k = 0 (small tensors, k_frac = 0): refinement vanishes
+    # Reassociate C_t Shat_t = (C_t C_t^T) C_t / tr_t when it is cheaper (4 m^2 n flops
+    # instead of 2 m n^2; also no [n, n] temporary): down_proj, k_proj, v_proj.
+    short_rows = 2 * m < n
+    # Running sums (spec, "Cost"): S_sum = sum w Shat_t (accumulated without a per-task
+    # [n, n] temporary), ridge = sum w eps_t, Q = sum w C_t Shat_t, C_eps = sum w eps_t C_t
+    # (without refinement Q and C_eps share one buffer: N = Q + C_eps is all that is needed);
+    # for refinement also q = sum w mu_t^T Shat_t (sum w tau_t Shat_t = Q + 1 q^T) and
+    # T_sum = sum w tau_t.
     S_sum = like.new_zeros(n, n)
     Q = like.new_zeros(m, n)
-    C_eps = like.new_zeros(m, n)
+    C_eps = like.new_zeros(m, n) if do_refine else Q
     ridge = 0.0
     traces = []
     if do_refine:
@@ -261,23 +417,33 @@ def _solve_2d(
     for w, tau_t in zip(weights, deltas):
         mu = tau_t.mean(dim=0)
         C = tau_t - mu  # eq. 5: centered over rows
-        S = C.T @ C  # eq. 6
-        tr = float(S.diagonal().sum(dtype=torch.float64)) + LOG_FLOOR
+        if do_refine:
+            T_sum.add_(tau_t, alpha=w)
+        del tau_t
+        tr = float(C.square().sum(dtype=torch.float64)) + LOG_FLOOR  # trace(C^T C)
         traces.append(tr)
-        if heterogeneous:  # eq. 8-10: trace normalization
-            S.div_(tr)
+        scale = w / tr if heterogeneous else w  # eq. 8-10: trace normalization
         if eps == "auto":
             eps_t = AUTO_RIDGE * (1.0 if heterogeneous else tr)  # tr(Shat_t)
         else:
             eps_t = eps / tr if heterogeneous else eps
-        S_sum.add_(S, alpha=w)
-        Q.addmm_(C, S, alpha=w)
+        if short_rows:
+            S_sum.addmm_(C.T, C, alpha=scale)  # eq. 6, straight into the sum
+            K = C @ C.T
+            Q.addmm_(K, C, alpha=scale)
+            del K
+            if do_refine:
+                q.add_((mu @ C.T) @ C, alpha=scale)
+        else:
+            S = C.T @ C  # eq. 6
+            S_sum.add_(S, alpha=scale)
+            Q.addmm_(C, S, alpha=scale)
+            if do_refine:
+                q.add_(mu @ S, alpha=scale)
+            del S
         C_eps.add_(C, alpha=w * eps_t)
         ridge += w * eps_t
-        if do_refine:
-            q.add_(mu @ S, alpha=w)
-            T_sum.add_(tau_t, alpha=w)
-        del C, S, mu
+        del C, mu
     w_total = sum(weights)
     diag.ridge = ridge / w_total
 
@@ -285,44 +451,60 @@ def _solve_2d(
     if do_refine:
         # eq. 15-16: D = sum w tau_t (Shat_t - Rbar) = (Q + 1 q^T) - T_sum Rbar,
         # with Rbar = (S_sum + ridge I) / sum w, the regularized weighted mean proxy.
-        D = Q + q
+        D = Q.add(q)
         D.addmm_(T_sum, S_sum, alpha=-1.0 / w_total)
         D.add_(T_sum, alpha=-ridge / w_total)
         del T_sum, q
+        N = Q.add_(C_eps)
+        del C_eps
+    else:
+        N = Q
+    del Q
 
     # eq. 14 with R_t = Shat_t + eps_t I: A = sum w R_t + 1 c^T, N = sum w C_t R_t.
-    A = S_sum
-    A.diagonal().add_(ridge)
+    B = S_sum
+    del S_sum
+    c = None
     if prior:  # eq. 11-13: c = mean row of sum w Shat_t (unregularized), added to every row
-        c = A.mean(dim=0)
-        c.sub_(ridge / n)
+        c = B.mean(dim=0)
         if heterogeneous:
             # The paper divides by the mean raw energy, which carries the task vectors' units.
             # Scale-free mode (eps="auto") measures each energy in its own proxy's trace.
             scale = energies if eps != "auto" else [e / t for e, t in zip(energies, traces)]
             c.div_(sum(scale) / len(scale) + LOG_FLOOR)
-        A.add_(c.unsqueeze(0))
-    N = Q.add_(C_eps)
-    del C_eps
-    W_pre, info = solve_right(A, N)
+    B.diagonal().add_(ridge)
+    solved = solve_right_spd_rank_one(B, c if c is not None else B.new_zeros(n), N)
+    if solved is None:
+        if c is not None:
+            B.add_(c.unsqueeze(0))
+        solved = solve_right(B, N)
+    W_pre, info = solved
     diag.solver, diag.rcond = info.method, info.rcond
-    del A, N, S_sum
+    del B, N, c, solved
     if spectra:
         s_pre = torch.linalg.svdvals(W_pre)
         diag.singular_values_pre = s_pre.tolist()
         diag.concentration_pre = concentration(s_pre)
 
-    k = math.floor(min(m, n) * k_frac) if do_refine else 0
-    diag.k = k
     W = W_pre
-    if D is not None and k > 0:
+    if D is not None:
         # eq. 17-19: isotropic boost of the top-k singular directions of F = W_pre + D.
         F = D.add_(W_pre)
-        U, s, Vh = torch.linalg.svd(F, full_matrices=False)
-        del F
-        diag.sigma_iso = float(s[:k].mean())
-        W = W_pre.addmm_(U[:, :k], Vh[:k], alpha=diag.sigma_iso)
-        del U, s, Vh
+        del D
+        top = top_k_isotropic_update(F, k)
+        if top is not None:
+            M, diag.sigma_iso = top
+            diag.spectral = "gram-eigh"
+            del F
+            W = W_pre.add_(M, alpha=diag.sigma_iso)
+            del M
+        else:
+            U, s, Vh = torch.linalg.svd(F, full_matrices=False)
+            diag.spectral = "svd"
+            del F
+            diag.sigma_iso = float(s[:k].mean())
+            W = W_pre.addmm_(U[:, :k], Vh[:k], alpha=diag.sigma_iso)
+            del U, s, Vh
     if spectra:
         if W is W_pre and diag.sigma_iso is None:
             diag.singular_values_post = diag.singular_values_pre

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
 
 @dataclass
 class SolveInfo:
-    """How ``X A = B`` was solved: ``"lu"`` or ``"lstsq"`` (singular system), and the
-    reciprocal pivot-growth estimate ``min|U_ii| / max|U_ii|`` of the LU factors."""
+    """How ``X A = B`` was solved: ``"cholesky"`` (symmetric positive-definite part plus a
+    rank-one correction), ``"lu"`` or ``"lstsq"`` (singular system), and the reciprocal
+    pivot-growth estimate: ``min|U_ii| / max|U_ii|`` of the LU factors, or its Cholesky
+    analogue ``(min L_ii / max L_ii)^2``."""
 
     method: str
     rcond: float
@@ -80,3 +84,80 @@ def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]
     top = float(evals.max()) if evals.numel() else 0.0
     keep = evals > rtol * top if top > 0.0 else torch.zeros_like(evals, dtype=torch.bool)
     return evals[keep], evecs[:, keep]
+
+
+def solve_right_spd_rank_one(
+    B: torch.Tensor, c: torch.Tensor, N: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, SolveInfo]]:
+    """Solve ``X (B + 1 c^T) = N`` for symmetric positive-definite ``B`` without an LU.
+
+    Cholesky of ``B`` (half the flops of an LU), then the Sherman-Morrison correction for the
+    rank-one term: with ``Y = N B^{-1}`` and ``z = B^{-1} c``,
+    ``X = Y - (Y 1) z^T / (1 + 1^T z)``. Only the lower triangle of ``B`` is read.
+    Returns ``None`` when ``B`` is not positive definite at working precision (Cholesky
+    fails, or ``(min L_ii / max L_ii)^2``, the analogue of :func:`solve_right`'s pivot ratio,
+    is not above the dtype's machine epsilon) or when ``1 + 1^T z`` (the ratio
+    ``det(B + 1 c^T) / det(B)``) is not safely away from zero; the caller then uses
+    :func:`solve_right`.
+    """
+    L, info = torch.linalg.cholesky_ex(B)
+    if int(info) != 0:
+        return None
+    d = L.diagonal()
+    top = float(d.max()) if d.numel() else 0.0
+    rcond = (float(d.min()) / top) ** 2 if top > 0 else 0.0
+    eps = torch.finfo(B.dtype).eps
+    if not rcond > eps:
+        return None
+    z = torch.cholesky_solve(c.reshape(-1, 1), L).reshape(-1)
+    denom = 1.0 + float(z.sum(dtype=torch.float64))
+    if not abs(denom) > math.sqrt(eps):
+        return None
+    # B is symmetric, so Y = N B^{-1} solves B Y^T = N^T.
+    X = torch.cholesky_solve(N.transpose(0, 1), L).transpose(0, 1)
+    del L
+    X.addr_(X.sum(dim=1), z, alpha=-1.0 / denom)  # rank-one update in place
+    if not bool(torch.isfinite(X).all()):
+        return None
+    return X, SolveInfo("cholesky", rcond)
+
+
+def top_k_isotropic_update(
+    F: torch.Tensor, k: int, *, block_bytes: int = 256 * 2**20
+) -> Optional[Tuple[torch.Tensor, float]]:
+    """``(U_k V_k^T, mean(s[:k]))`` for the top ``k`` singular triplets of ``F`` (``[m, n]``).
+
+    Avoids the full SVD: the Gram matrix on the short side (``F^T F`` when ``m >= n``, else
+    ``F F^T``) is accumulated in float64 in blocks of at most ``block_bytes``, and its
+    eigendecomposition (float64) gives ``s_i^2`` and one set of singular vectors; the other
+    side never has to be formed because ``U_k V_k^T = F V_k diag(1/s_k) V_k^T`` (or
+    ``U_k diag(1/s_k) U_k^T F``). Forming the Gram in float64 keeps the subspace at least as
+    accurate as a float32 SVD of ``F``. Returns ``None`` (the caller then runs the SVD)
+    when ``s_k < 1e-3 s_1``: dividing by such small singular values would amplify the
+    float32 round-off of the final product beyond what an SVD gives.
+    """
+    m, n = F.shape
+    tall = m >= n
+    r = n if tall else m
+    G = torch.zeros(r, r, dtype=torch.float64, device=F.device)
+    long_side = m if tall else n
+    step = max(1, block_bytes // (8 * r))
+    for start in range(0, long_side, step):
+        block = (F[start : start + step] if tall else F[:, start : start + step]).to(torch.float64)
+        if tall:
+            G.addmm_(block.transpose(0, 1), block)
+        else:
+            G.addmm_(block, block.transpose(0, 1))
+        del block
+    evals, vecs = torch.linalg.eigh(G)
+    del G
+    top = evals[-k:].flip(0).clamp_min(0.0)
+    s = top.sqrt()
+    if k == 0 or not float(s[-1]) >= 1e-3 * float(s[0]) or not float(s[0]) > 0:
+        return None
+    V = vecs[:, -k:].flip(1)
+    del vecs
+    P = ((V / s) @ V.transpose(0, 1)).to(F.dtype)  # [r, r]: V diag(1/s) V^T
+    del V
+    M = F @ P if tall else P @ F
+    return M, float(s.mean())

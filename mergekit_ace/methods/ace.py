@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.ace import GATE_STATISTICS, GATES, ace_merge
+from mergekit_ace.kernels.ace import GATE_STATISTICS, GATES, OOM_FALLBACKS, ace_merge
 from mergekit_ace.methods.common import (
     KernelMergeMethod,
     _boolean,
@@ -39,6 +39,9 @@ def ace_method() -> KernelMergeMethod:
             shared("k_frac", _number("k_frac", 0.0, 1.0, "in [0, 1]"), 0.3,
                    "fraction of singular directions refined"),
             shared("prior", _boolean("prior"), True, "collective structural prior"),
+            shared("oom_fallback", _choice("oom_fallback", OOM_FALLBACKS), "cpu",
+                   "with --cuda, a tensor whose estimated workspace exceeds free GPU memory: "
+                   "cpu: merge it on the CPU (logged); error: stop with a message"),
             lambda_parameter(),
             weight_parameter(),
         ),
