@@ -21,7 +21,7 @@ STAND_INS = {
 
 
 def localized(text: str, family) -> str:
-    for hub_id, stand_in in STAND_INS.items():
+    for hub_id, stand_in in sorted(STAND_INS.items(), key=lambda item: -len(item[0])):
         text = text.replace(hub_id, str(family[stand_in]))
     return text
 
