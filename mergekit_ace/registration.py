@@ -7,8 +7,9 @@ with a warning, so a future mergekit that ships its own ``ace`` keeps working.
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import TYPE_CHECKING, Callable, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 if TYPE_CHECKING:  # importing mergekit here would re-enter this module through the hook
     from mergekit.merge_methods.base import MergeMethod
@@ -16,20 +17,21 @@ if TYPE_CHECKING:  # importing mergekit here would re-enter this module through 
 LOG = logging.getLogger("mergekit_ace")
 
 
-def _ace() -> "MergeMethod":
-    from mergekit_ace.methods.ace import ace_method
-
-    return ace_method()
-
-
-METHOD_FACTORIES: Dict[str, Callable[[], "MergeMethod"]] = {
-    "ace": _ace,
-    # The data-free family; imported lazily, like ``_ace``, so mergekit is not re-entered.
-    "actmat": lambda: __import__("mergekit_ace.methods.actmat", fromlist=["*"]).actmat_method(),
-    "tsv": lambda: __import__("mergekit_ace.methods.tsv", fromlist=["*"]).tsv_method(),
-    "iso_c": lambda: __import__("mergekit_ace.methods.iso_c", fromlist=["*"]).iso_c_method(),
-    "iso_cts": lambda: __import__("mergekit_ace.methods.iso_cts", fromlist=["*"]).iso_cts_method(),
+# name -> (adapter module, factory). Modules are imported only when registering, so that
+# importing this module never re-enters mergekit's registry through the start-up hook.
+METHODS: Dict[str, Tuple[str, str]] = {
+    "ace": ("mergekit_ace.methods.ace", "ace_method"),
+    "actmat": ("mergekit_ace.methods.actmat", "actmat_method"),
+    "tsv": ("mergekit_ace.methods.tsv", "tsv_method"),
+    "iso_c": ("mergekit_ace.methods.iso_c", "iso_c_method"),
+    "iso_cts": ("mergekit_ace.methods.iso_cts", "iso_cts_method"),
 }
+
+
+def _build(name: str) -> "MergeMethod":
+    module, factory = METHODS[name]
+    return getattr(importlib.import_module(module), factory)()
+
 
 _OURS: Dict[str, "MergeMethod"] = {}
 
@@ -39,7 +41,7 @@ def register_all() -> List[str]:
     names that are ours after the call."""
     from mergekit.merge_methods import registry
 
-    for name, factory in METHOD_FACTORIES.items():
+    for name in METHODS:
         current = registry._METHODS.get(name)
         if current is not None:
             if current is not _OURS.get(name):
@@ -50,7 +52,7 @@ def register_all() -> List[str]:
                     name,
                 )
             continue
-        method = _OURS.get(name) or factory()
+        method = _OURS.get(name) or _build(name)
         registry.register(method)
         _OURS[name] = method
     return [name for name, method in _OURS.items() if registry._METHODS.get(name) is method]
@@ -60,5 +62,5 @@ def our_method(name: str) -> "MergeMethod":
     """This package's instance of method ``name`` (registered or shadowed by mergekit's)."""
     register_all()
     if name not in _OURS:
-        _OURS[name] = METHOD_FACTORIES[name]()
+        _OURS[name] = _build(name)
     return _OURS[name]
