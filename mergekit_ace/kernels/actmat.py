@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -66,21 +66,17 @@ def actmat_merge(
     experts: Sequence[torch.Tensor],
     *,
     weights: Optional[Sequence[float]] = None,
-    lam: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    tensor_name: Optional[str] = None,
-    expert_names: Optional[Sequence[str]] = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, ActMatDiagnostics]:
     """Merge one tensor with ACTMat; returns ``(W0 + lam * D*, diagnostics)``.
 
     ``weights`` are per-task objective weights (default all ones, the paper): only their
-    ratios matter, 0 leaves a model out.
+    ratios matter, 0 leaves a model out. ``options``: ``lam`` and the rest of
+    :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s.
     """
     return merge_tensor(
         "actmat", base, experts, _actmat_2d, ActMatDiagnostics,
-        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
-        tensor_name=tensor_name, expert_names=expert_names, weighted=True,
+        weighted=True, weights=weights, **options,
     )
 
 

@@ -63,19 +63,22 @@ def merge_tensor(
     solve_2d: Callable[[TaskVectors, D], torch.Tensor],
     diagnostics: Callable[..., D],
     *,
-    weights: Optional[Sequence[float]],
-    lam: float,
-    compute_dtype: Optional[torch.dtype],
-    out_dtype: Optional[torch.dtype],
-    tensor_name: Optional[str],
-    expert_names: Optional[Sequence[str]],
     weighted: bool = False,
+    weights: Optional[Sequence[float]] = None,
+    lam: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    tensor_name: Optional[str] = None,
+    expert_names: Optional[Sequence[str]] = None,
 ) -> tuple[torch.Tensor, D]:
     """Run ``solve_2d(task_vectors, diagnostics) -> merged task vector`` on a 2-D tensor
     inside the shared frame; returns ``(W0 + lam * merged, diagnostics)``.
 
-    ``weighted=False`` methods take no per-model weights: passing any is an error rather
-    than a silently ignored setting.
+    The keywords after ``weighted`` are every family kernel's options: ``weights`` per-task
+    objective weights (only for ``weighted`` methods; for the others passing any is an error
+    rather than a silently ignored setting), ``lam`` the scale of the merged task vector,
+    ``compute_dtype`` (default float32, float64 when an input is), ``out_dtype`` (default the
+    base tensor's), and ``tensor_name`` / ``expert_names`` for error messages.
     """
     if not math.isfinite(lam):
         raise ValueError(f"lambda must be finite, got {lam}")

@@ -20,7 +20,7 @@ Tensors that are not 2-D take the mean task vector, as the reference code does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -37,23 +37,12 @@ class IsoDiagnostics(DataFreeDiagnostics):
 
 
 def iso_c_merge(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weights: None = None,
-    lam: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    tensor_name: Optional[str] = None,
-    expert_names: Optional[Sequence[str]] = None,
+    base: torch.Tensor, experts: Sequence[torch.Tensor], **options: Any
 ) -> tuple[torch.Tensor, IsoDiagnostics]:
     """Merge one tensor with Iso-C; returns ``(W0 + lam * merged, diagnostics)``.
-    Iso-C has no per-task weights (``weights`` must stay ``None``)."""
-    return merge_tensor(
-        "iso_c", base, experts, _iso_c_2d, IsoDiagnostics,
-        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
-        tensor_name=tensor_name, expert_names=expert_names,
-    )
+    ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
+    Iso-C has no per-task weights."""
+    return merge_tensor("iso_c", base, experts, _iso_c_2d, IsoDiagnostics, **options)
 
 
 def task_sum(tv: TaskVectors) -> torch.Tensor:

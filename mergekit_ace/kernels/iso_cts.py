@@ -28,7 +28,7 @@ vector. Decisions: ``docs/family.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -65,26 +65,18 @@ def iso_cts_merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    weights: None = None,
     common_space_fraction: float = 0.8,
-    lam: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    tensor_name: Optional[str] = None,
-    expert_names: Optional[Sequence[str]] = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, IsoCtsDiagnostics]:
     """Merge one tensor with Iso-CTS; returns ``(W0 + lam * merged, diagnostics)``.
-    Iso-CTS has no per-task weights (``weights`` must stay ``None``)."""
+    ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
+    Iso-CTS has no per-task weights."""
     validate_fraction(common_space_fraction)
 
     def solve(tv: TaskVectors, diag: IsoCtsDiagnostics) -> torch.Tensor:
         return _iso_cts_2d(tv, diag, common_space_fraction)
 
-    return merge_tensor(
-        "iso_cts", base, experts, solve, IsoCtsDiagnostics,
-        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
-        tensor_name=tensor_name, expert_names=expert_names,
-    )
+    return merge_tensor("iso_cts", base, experts, solve, IsoCtsDiagnostics, **options)
 
 
 def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> torch.Tensor:

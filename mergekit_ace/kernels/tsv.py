@@ -26,7 +26,7 @@ code does). Orthogonalization is invariant to the order of the concatenation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Sequence
 
 import torch
 
@@ -45,23 +45,12 @@ class TsvDiagnostics(DataFreeDiagnostics):
 
 
 def tsv_merge(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    *,
-    weights: None = None,
-    lam: float = 1.0,
-    compute_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    tensor_name: Optional[str] = None,
-    expert_names: Optional[Sequence[str]] = None,
+    base: torch.Tensor, experts: Sequence[torch.Tensor], **options: Any
 ) -> tuple[torch.Tensor, TsvDiagnostics]:
     """Merge one tensor with TSV-M; returns ``(W0 + lam * merged, diagnostics)``.
-    TSV-M has no per-task weights (``weights`` must stay ``None``)."""
-    return merge_tensor(
-        "tsv", base, experts, _tsv_2d, TsvDiagnostics,
-        weights=weights, lam=lam, compute_dtype=compute_dtype, out_dtype=out_dtype,
-        tensor_name=tensor_name, expert_names=expert_names,
-    )
+    ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
+    TSV-M has no per-task weights."""
+    return merge_tensor("tsv", base, experts, _tsv_2d, TsvDiagnostics, **options)
 
 
 def _tsv_2d(tv: TaskVectors, diag: TsvDiagnostics) -> torch.Tensor:
