@@ -61,6 +61,8 @@ class TensorRow:
     k: Optional[int] = None
     sigma_iso: Optional[float] = None
     solver: Optional[str] = None
+    spectral: Optional[str] = None
+    kernel_device: Optional[str] = None
     rcond: Optional[float] = None
     condition: Optional[float] = None
     ridge: Optional[float] = None
@@ -173,15 +175,16 @@ def _sync(device: str) -> None:
 
 
 def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_bytes: int,
-                flop_rate: float) -> Dict[str, float]:
+                flop_rate: float, refine: bool = True) -> Dict[str, float]:
     """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
 
-    Peak = the ``T + 1`` loaded inputs + their copies in the compute dtype (base and task
-    vectors) + the kernel workspace of :func:`estimate_ace_cost` + the output.
+    ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``).
+    Peak = the ``T + 1`` loaded inputs + the kernel workspace of :func:`estimate_ace_cost`
+    (which forms the task vectors one at a time) + the output.
     """
-    cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes)
+    cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes, refine=refine)
     numel = math.prod(shape)
-    peak = (n_experts + 1) * numel * (load_bytes + compute_bytes) + cost["bytes"] + numel * load_bytes
+    peak = (n_experts + 2) * numel * load_bytes + cost["bytes"]
     return {
         "flops": float(cost["flops"]),
         "est_seconds": float(cost["flops"]) / flop_rate if flop_rate > 0 else float("nan"),
@@ -311,7 +314,7 @@ def _header_entry(model, weight_info) -> Optional[Tuple[Tuple[int, ...], str]]:
 
 
 def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate: float,
-                  compute_bytes: int) -> TensorRow:
+                  compute_bytes: int, branch: str) -> TensorRow:
     name = merge_task.output_weight.name
     layer, module = split_name(name)
     params = {k: v for k, v in merge_task.parameters.items()}
@@ -322,9 +325,10 @@ def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate:
     if weights and len(set(weights.values())) > 1:
         params["weights"] = list(weights.values())
     load_bytes = torch.tensor([], dtype=_torch_dtype(dtype_name)).element_size()
-    cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate)
+    refine = params.get("refine", True) and branch in ("heterogeneous", "gamma")
+    cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine)
     return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
-                     parameters=params, branch="", **cost)
+                     parameters=params, branch=branch, **cost)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -346,6 +350,7 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.gamma, row.log_spread = diag.gamma, diag.log_spread
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
+    row.spectral, row.kernel_device = diag.spectral, diag.device
     if diag.rcond is not None:
         row.condition = 1.0 / diag.rcond if diag.rcond > 0 else float("inf")
     row.concentration_pre, row.concentration_post = diag.concentration_pre, diag.concentration_post
@@ -405,17 +410,18 @@ def _estimate_rows(planned: _Planned, device: str, flop_rate: float, quiet: bool
         shape, st_dtype = entry
         dtype = gather.dtype or _torch_dtype(st_dtype).__str__().replace("torch.", "")
         experts = _experts_of(merge_task)
-        row = _row_skeleton(merge_task, shape, str(dtype), len(experts), flop_rate, 4)
-        gate = row.parameters.get("gate", "auto")
+        gate = merge_task.parameters.get("gate", "auto")
         if len(shape) != 2:
-            row.branch = "mean"
+            branch = "mean"
         elif gate == "on":
-            row.branch = "heterogeneous"
+            branch = "heterogeneous"
         elif gate == "off" or len(experts) < 2:
-            row.branch = "homogeneous"
+            branch = "homogeneous"
         else:
-            row.branch = "gamma"  # decided from the data at merge time
-        rows.append(row)
+            branch = "gamma"  # decided from the data at merge time; costed as heterogeneous
+        compute_bytes = 8 if str(dtype) == "float64" else 4
+        rows.append(_row_skeleton(merge_task, shape, str(dtype), len(experts), flop_rate,
+                                  compute_bytes, branch))
     return rows
 
 
@@ -438,11 +444,12 @@ def _full_rows(planned: _Planned, device: str, flop_rate: float, quiet: bool) ->
             del tensor  # the merged tensor itself is never kept
             experts = _experts_of(merge_task)
             compute_bytes = 8 if dtype == "float64" else 4
-            row = _row_skeleton(merge_task, shape, dtype, len(experts), flop_rate, compute_bytes)
             found = collected.pop(name, None)
-            if found is None:
-                row.branch = "copied"  # not merged by the kernel (buffer or pass-through)
-            else:
+            # "copied": not merged by the kernel (a non-float buffer or a pass-through)
+            branch = found[0].branch if found is not None else "copied"
+            row = _row_skeleton(merge_task, shape, dtype, len(experts), flop_rate, compute_bytes,
+                                branch)
+            if found is not None:
                 _fill_from_diagnostics(row, found[0], found[1], experts, planned.models)
             rows.append(row)
     order = {task.output_weight.name: i for i, task in enumerate(planned.tasks)}
@@ -454,9 +461,9 @@ def _full_rows(planned: _Planned, device: str, flop_rate: float, quiet: bool) ->
 
 
 CSV_FIELDS = ["name", "layer", "module", "shape", "dtype", "branch", "gamma", "log_spread", "tau",
-              "gate", "gate_statistic", "eps", "k_frac", "k", "sigma_iso", "solver", "rcond",
+              "gate", "gate_statistic", "eps", "k_frac", "k", "sigma_iso", "solver", "spectral", "rcond",
               "condition", "ridge", "concentration_pre", "concentration_post", "flops",
-              "est_seconds", "kernel_seconds", "workspace_bytes", "peak_bytes"]
+              "est_seconds", "kernel_seconds", "kernel_device", "workspace_bytes", "peak_bytes"]
 PARAMETER_COLUMNS = ("tau", "gate", "gate_statistic", "eps", "k_frac")
 
 
@@ -555,7 +562,7 @@ def summary_text(report: InspectReport) -> str:
                      f"~{human_seconds(heavy.est_seconds)}, peak {human_bytes(heavy.peak_bytes)}")
     total = sum(r.est_seconds for r in report.rows)
     lines.append(f"  predicted peak memory: {human_bytes(report.peak_bytes())} "
-                 f"(inputs + compute copies + kernel workspace of the largest tensor)")
+                 f"(loaded inputs + output + kernel workspace of the largest tensor)")
     lines.append(f"  estimated kernel time: {human_seconds(total)} at "
                  f"{report.flop_rate / 1e9:.3g} GFLOP/s (calibrated on {report.device})")
     measured = [r.kernel_seconds for r in report.rows if r.kernel_seconds is not None]
