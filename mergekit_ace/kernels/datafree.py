@@ -84,7 +84,7 @@ def merge_tensor(
         raise ValueError(f"lambda must be finite, got {lam}")
     if weights is not None and not weighted:
         raise MergeInputError(
-            f"{method} takes no per-model `weight`; remove it from the config."
+            f"{method} takes no per-task weights (its paper defines none); pass weights=None."
         )
     check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
     w_all = normalized_weights(
