@@ -529,7 +529,11 @@ def human_seconds(s: float) -> str:
         return f"{s * 1000:.1f} ms"
     if s < 120:
         return f"{s:.1f} s"
-    return f"{s / 60:.1f} min"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
 
 
 def summary_text(report: InspectReport) -> str:
