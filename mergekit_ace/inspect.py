@@ -384,7 +384,12 @@ def inspect_config(
     """Inspect the ACE merge described by ``config_path``; returns the report (not written)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InspectError("--cuda was given but torch sees no CUDA device on this machine.")
-    planned = _plan(config_path, device, quiet)
+    try:
+        planned = _plan(config_path, device, quiet)
+    except InspectError:
+        raise
+    except (ValueError, RuntimeError, OSError) as error:  # config errors, missing models
+        raise InspectError(f"{config_path}: cannot plan this merge: {error}") from error
     if flop_rate is None:
         flop_rate = calibrate_flop_rate(device)
     rows = (_estimate_rows if estimate_only else _full_rows)(planned, device, flop_rate, quiet)

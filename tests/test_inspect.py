@@ -252,7 +252,8 @@ def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
     assert q.branch == "gamma"
     heaviest = report.heaviest()
     assert heaviest.name in ("lm_head.weight", "model.embed_tokens.weight")
-    assert report.peak_bytes() == heaviest.peak_bytes > 20 * 2**30
+    embed = estimate_ace_cost((128256, 4096), 3, 4)["bytes"] + 5 * 128256 * 4096 * 2
+    assert report.peak_bytes() == heaviest.peak_bytes == embed
     text = summary_text(report)
     assert "estimate only" in text and "GB" in text
 
@@ -294,3 +295,19 @@ def test_missing_matplotlib_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingPlotDependency, match=r"mergekit-ace\[plots\]"):
         require_matplotlib()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"base_model": None}, "base_model"),
+    ({"merge_method": "task_arithmetic"}, "ACE merges only"),
+])
+def test_config_errors_are_explained(tiny_family, tmp_path, change, message):
+    from click.testing import CliRunner
+
+    from mergekit_ace.cli import main
+
+    config = {**ace_config(tiny_family, tau_filter=False), **change}
+    config = write_config(tmp_path / "bad.yml", {k: v for k, v in config.items() if v is not None})
+    result = CliRunner().invoke(main, ["inspect", str(config), "--out", str(tmp_path / "r"), "-q"])
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
