@@ -13,7 +13,6 @@ per task beside the base model and the experts. The full comparison of every met
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # python benchmarks/demo.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEMO_METHODS = ["ace", "task_arithmetic (lambda=1)"]
+def demo_methods(n_tasks: int):
+    return [f"task_arithmetic (lambda=1/{n_tasks})", "task_arithmetic (lambda=1)", "ace"]
 
 
 def main(argv=None) -> None:
@@ -49,16 +49,14 @@ def main(argv=None) -> None:
     base = prepare_base(CACHE / "base")
     tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
     print(f"[2/3] experts: {es.description}")
-    print("[3/3] merges through mergekit-yaml: " + ", ".join(DEMO_METHODS)
+    methods = demo_methods(len(tasks))
+    print("[3/3] merges through mergekit-yaml: " + ", ".join(methods)
           + f"; scoring {es.heldout} held-out examples per task")
-    results = run(es, only=DEMO_METHODS + [f"task_arithmetic (lambda=1/{len(tasks)})"],
+    results = run(es, only=methods,
                   base_dir=base, tasks=tasks, report=False,
                   results_path=CACHE / "demo" / f"{es.name}.json")
     rows = results["rows"]
-    cols = ["base", "experts"] + [m for m in rows if m in DEMO_METHODS
-                                  or m.startswith("task_arithmetic")]
-    cols = ["base", "experts", f"task_arithmetic (lambda=1/{len(tasks)})",
-            "task_arithmetic (lambda=1)", "ace"]
+    cols = ["base", "experts"] + methods
     names = {"base": "base", "experts": "expert",
              f"task_arithmetic (lambda=1/{len(tasks)})": f"TA 1/{len(tasks)}",
              "task_arithmetic (lambda=1)": "TA 1", "ace": "ACE"}

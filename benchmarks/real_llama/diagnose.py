@@ -43,13 +43,22 @@ def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
-def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5) -> List[Dict]:
+def layer_of(name: str):
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 1
+             ) -> List[Dict]:
     from mergekit_ace.kernels.ace import ace_merge
 
     base = load_tensors(base_dir)
     experts = [load_tensors(d) for d in expert_dirs]
     rows = []
     for name, w0 in base.items():
+        layer = layer_of(name)
+        if layer is not None and layer % every:
+            continue
         ws = [e[name] for e in experts]
         merged, diag = ace_merge(w0, ws, eps=eps, tensor_name=name)
         row = {"tensor": name, "type": module_type(name), "shape": list(w0.shape),
@@ -110,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--set", default="main", choices=sorted(EXPERT_SETS))
     ap.add_argument("--eps", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--every", type=int, default=1,
+                    help="only every N-th transformer layer (plus embeddings and norms)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +131,7 @@ def main(argv=None) -> None:
     missing = [str(d) for d in dirs if not (d / "expert.json").exists()]
     if missing:
         raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
-    rows = diagnose(CACHE / "base", dirs, eps=args.eps)
+    rows = diagnose(CACHE / "base", dirs, eps=args.eps, every=args.every)
     table = summarize(rows, es.tasks, args.eps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{es.name}_diagnostics" + ("" if args.eps == 1e-5 else f"_eps{args.eps:g}")

@@ -137,8 +137,8 @@ def chart(results: Dict, path: Path) -> Path:
         g = rows[l]["group"]
         ax.barh(yi, 100 * s["norm_avg"], color=GROUP_COLOURS.get(g, "#777"), alpha=0.85,
                 height=0.7)
-        ax.text(100 * s["norm_avg"] + 1, yi, f"{100 * s['norm_avg']:.0f}", va="center",
-                fontsize=9)
+        ax.text(100 * s["norm_avg"] - 1, yi, f"{100 * s['norm_avg']:.1f}", va="center",
+                ha="right", fontsize=8.5, color="white", fontweight="bold")
         for k, t in enumerate(tasks):
             ax.plot(100 * s["norm"][t], yi, task_markers[k % 6], color="black", ms=4,
                     alpha=0.6, label=t if yi == y[0] else None)

@@ -86,6 +86,7 @@ def run(
     keep: bool = False,
     seed: int = 0,
     report: bool = True,
+    references: bool = True,
     on_progress=None,
 ) -> Dict:
     """Run the benchmark for one expert set; returns the results dict (also saved as JSON)."""
@@ -116,13 +117,13 @@ def run(
                              es.data_seed, bar=bar)
     bar.close()
     rows = results["rows"]
-    if "base" not in rows:
+    if references and "base" not in rows:
         rows["base"] = {"group": "reference", "scores": score_model(
             load_model(base_dir), tok, tasks, max_tokens)}
         save()
     for t in tasks:
         label = f"expert {t.name}"
-        if label not in rows:
+        if references and label not in rows:
             model = load_model(experts[t.name])
             rows[label] = {"group": "expert", "task": t.name,
                            "scores": {t.name: score(model, tok, t, max_text_tokens=max_tokens)}}
@@ -170,22 +171,30 @@ def run(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="main", choices=sorted(EXPERT_SETS))
-    ap.add_argument("--methods", nargs="*", help="labels, method names or groups to run")
+    ap.add_argument("--methods", nargs="*", help="row labels or groups (baseline, ace, ablation, eps, other) to run")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores; 1 is faster on a busy machine)")
     ap.add_argument("--keep", action="store_true", help="keep merged checkpoints")
     ap.add_argument("--seed", type=int, default=0, help="--random-seed for dare_ties")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="results JSON (default benchmarks/results/<set>.json)")
+    ap.add_argument("--no-report", action="store_true", help="skip tables and chart")
+    ap.add_argument("--no-references", action="store_true",
+                    help="do not score the base model and the experts")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report_only:
         from benchmarks.real_llama.report import write_report
 
-        write_report(json.loads((RESULTS / f"{args.set}.json").read_text()), args.set)
+        path = args.results or RESULTS / f"{args.set}.json"
+        write_report(json.loads(path.read_text()), args.set)
         return
     t0 = time.perf_counter()
-    run(EXPERT_SETS[args.set], only=args.methods, keep=args.keep, seed=args.seed)
+    run(EXPERT_SETS[args.set], only=args.methods, keep=args.keep, seed=args.seed,
+        results_path=args.results, report=not args.no_report,
+        references=not args.no_references)
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
