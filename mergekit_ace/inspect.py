@@ -91,6 +91,7 @@ class InspectReport:
     experts: List[str]
     rows: List[TensorRow]
     files: Dict[str, str] = field(default_factory=dict)
+    flop_rate_given: bool = False
 
     def branch_counts(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -110,6 +111,7 @@ class InspectReport:
             "mode": self.mode,
             "device": self.device,
             "flop_rate": self.flop_rate,
+            "flop_rate_given": self.flop_rate_given,
             "experts": self.experts,
             "summary": {
                 "tensors": len(self.rows),
@@ -390,12 +392,13 @@ def inspect_config(
         raise
     except (ValueError, RuntimeError, OSError) as error:  # config errors, missing models
         raise InspectError(f"{config_path}: cannot plan this merge: {error}") from error
+    given = flop_rate is not None
     if flop_rate is None:
         flop_rate = calibrate_flop_rate(device)
     rows = (_estimate_rows if estimate_only else _full_rows)(planned, device, flop_rate, quiet)
     return InspectReport(
         config=str(config_path), mode="estimate" if estimate_only else "full", device=device,
-        flop_rate=flop_rate, experts=planned.labels, rows=rows,
+        flop_rate=flop_rate, experts=planned.labels, rows=rows, flop_rate_given=given,
     )
 
 
@@ -572,8 +575,9 @@ def summary_text(report: InspectReport) -> str:
     total = sum(r.est_seconds for r in report.rows)
     lines.append(f"  predicted peak memory: {human_bytes(report.peak_bytes())} "
                  f"(loaded inputs + output + kernel workspace of the largest tensor)")
+    source = "given" if report.flop_rate_given else f"measured on {report.device}"
     lines.append(f"  estimated kernel time: {human_seconds(total)} at "
-                 f"{report.flop_rate / 1e9:.3g} GFLOP/s (calibrated on {report.device})")
+                 f"{report.flop_rate / 1e9:.3g} GFLOP/s ({source})")
     measured = [r.kernel_seconds for r in report.rows if r.kernel_seconds is not None]
     if measured:
         lines.append(f"  measured kernel time (with diagnostic SVDs): {human_seconds(sum(measured))}")

@@ -238,13 +238,49 @@ def plot_concentration(report, path: Path) -> Optional[str]:
     return str(path)
 
 
+def plot_cost(report, path: Path) -> Optional[str]:
+    """Where the time and the memory go: estimated kernel time summed over the layers, and the
+    largest predicted peak memory, per module type (tensors outside the layer stack by name)."""
+    plt = require_matplotlib()
+    totals: Dict[str, List[float]] = {}
+    for row in report.rows:
+        if len(row.shape) != 2:
+            continue
+        seconds, peak, count = totals.setdefault(row.module, [0.0, 0.0, 0])
+        totals[row.module] = [seconds + row.est_seconds, max(peak, row.peak_bytes), count + 1]
+    if not totals:
+        return None
+    order = sorted(totals, key=lambda m: totals[m][0])
+    labels = [f"{m} (x{totals[m][2]})" if totals[m][2] > 1 else m for m in order]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(order) + 1.8), sharey=True)
+    axes[0].barh(labels, [totals[m][0] for m in order], color="#4c72b0")
+    source = "given" if getattr(report, "flop_rate_given", False) else f"on {report.device}"
+    axes[0].set_xlabel(f"estimated kernel seconds, all layers ({report.flop_rate / 1e9:.3g} "
+                       f"GFLOP/s {source})")
+    axes[1].barh(labels, [totals[m][1] / 2**30 for m in order], color="#dd8452")
+    axes[1].set_xlabel("predicted peak memory of one tensor (GiB)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    from mergekit_ace.inspect import human_seconds
+
+    total = sum(v[0] for v in totals.values())
+    fig.suptitle(f"Cost by module type (total {human_seconds(total)} estimated)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def write_plots(report, out_dir: Path) -> Dict[str, str]:
     """All plots that the report has data for; returns ``{kind: path}``."""
     require_matplotlib()
     out_dir = Path(out_dir)
     files = {}
     for kind, plot in (("gamma", plot_gamma), ("energy", plot_energy),
-                       ("branches", plot_branches), ("concentration", plot_concentration)):
+                       ("branches", plot_branches), ("concentration", plot_concentration),
+                       ("cost", plot_cost)):
         path = plot(report, out_dir / f"{kind}.png")
         if path:
             files[kind] = path

@@ -19,7 +19,7 @@ from tests.tiny_models import model_list, run_cli, write_config
 EXPERTS = ["expert_math", "expert_code", "expert_chat"]
 MLP_TAU = 5.0  # between the tiny family's mlp gammas (about 3.5 .. 5.6): some flip branch
 REPORT_FILES = {"inspect.csv", "inspect.json", "gamma.png", "energy.png", "branches.png",
-                "concentration.png"}
+                "concentration.png", "cost.png"}
 FLOP_RATE = 1e9  # in-process runs skip the calibration
 
 
@@ -139,7 +139,7 @@ def test_plots_are_real_pngs(inspected):
     from matplotlib.image import imread
 
     out = inspected["work"] / "report"
-    for name in ("gamma.png", "energy.png", "branches.png", "concentration.png"):
+    for name in ("gamma.png", "energy.png", "branches.png", "concentration.png", "cost.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
