@@ -139,13 +139,32 @@ def split_name(name: str) -> Tuple[Optional[int], str]:
 
 
 def expert_labels(paths: Sequence[str]) -> List[str]:
-    """Short, unique column labels for the experts (last path component, disambiguated)."""
+    """Short, unique column labels for the experts: the last path component, without the
+    part all of them share at the start or the end (``news_lr5e-05``, ``chat_lr5e-05`` ->
+    ``news``, ``chat``), cut at a ``_``, ``-`` or ``.``; disambiguated if still equal."""
     labels = [os.path.basename(str(p).rstrip("/")) or str(p) for p in paths]
+    if len(labels) > 1:
+        labels = _strip_shared(labels)
     seen: Dict[str, int] = {}
-    for i, label in enumerate(labels):
+    out = []
+    for label in labels:
         if labels.count(label) > 1:
             seen[label] = seen.get(label, 0) + 1
-            labels[i] = f"{label}#{seen[label]}"
+            label = f"{label}#{seen[label]}"
+        out.append(label)
+    return out
+
+
+def _strip_shared(labels: List[str]) -> List[str]:
+    separators = "_-."
+    prefix = os.path.commonprefix(labels)
+    suffix = os.path.commonprefix([label[::-1] for label in labels])[::-1]
+    # cut only at separators, so "chat7" and "code7" keep their names
+    cut_front = max((i + 1 for i, ch in enumerate(prefix) if ch in separators), default=0)
+    cut_back = max((len(suffix) - i for i, ch in enumerate(suffix) if ch in separators), default=0)
+    stripped = [label[cut_front:len(label) - cut_back] for label in labels]
+    if all(stripped) and len(set(stripped)) == len(stripped):
+        return stripped
     return labels
 
 
@@ -361,18 +380,24 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.kernel_seconds = seconds
 
 
-def _energy_curve(singular_values: Optional[List[float]], points: int = 41) -> Optional[List[float]]:
-    """Cumulative share of squared singular-value mass at ``points`` evenly spaced fractions
-    of the directions (0 .. 1): the paper's Fig. 2 curve, small enough to keep per tensor."""
+# Fractions of the singular directions at which the cumulative spectrum is kept (``spectrum_*``):
+# dense at the top, where the paper's Fig. 2 looks.
+CURVE_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+def _energy_curve(singular_values: Optional[List[float]]) -> Optional[List[float]]:
+    """Cumulative share of squared singular-value mass held by the top ``ceil(f * r)``
+    directions, for each ``f`` of :data:`CURVE_FRACTIONS` (the paper's Fig. 2 curve, small
+    enough to keep per tensor)."""
     if not singular_values:
         return None
     energy = torch.tensor(singular_values, dtype=torch.float64).square().sort(descending=True).values
     total = float(energy.sum())
     if total <= 0:
         return None
-    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), energy.cumsum(0) / total])
+    cumulative = energy.cumsum(0) / total
     r = energy.numel()
-    return [float(cumulative[round(i * r / (points - 1))]) for i in range(points)]
+    return [float(cumulative[max(1, math.ceil(f * r)) - 1]) for f in CURVE_FRACTIONS]
 
 
 def inspect_config(

@@ -186,7 +186,7 @@ def plot_branches(report, path: Path) -> Optional[str]:
     ax.set_xticks(range(0, len(columns), step))
     ax.set_xticklabels(columns[::step], fontsize=7, rotation=90 if len(columns) > 12 else 0)
     ax.set_xlabel("layer (embeddings and head at the ends; 1-D tensors are averaged, not shown)")
-    if len(columns) * len(modules) <= 400:
+    if len(columns) <= 16:
         for (column, module), row in cells.items():
             if row.gamma is not None:
                 ax.text(columns.index(column), modules.index(module), f"{row.gamma:.2g}",
@@ -203,9 +203,11 @@ def plot_branches(report, path: Path) -> Optional[str]:
 
 def plot_concentration(report, path: Path) -> Optional[str]:
     """Spectral concentration (paper Fig. 2): cumulative share of squared singular-value mass
-    against the fraction of directions, for W_pre (left) and the final W (right), one curve per
-    tensor coloured by module type."""
+    against the fraction of singular directions (log scale), for W_pre (left) and the final W
+    (right); per module type the median over its tensors, with the range shaded."""
     plt = require_matplotlib()
+    from mergekit_ace.inspect import CURVE_FRACTIONS
+
     rows = [r for r in report.rows if r.spectrum_pre]
     if not rows:
         return None
@@ -214,24 +216,33 @@ def plot_concentration(report, path: Path) -> Optional[str]:
         if r.module not in modules:
             modules.append(r.module)
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     for ax, attr, title in ((axes[0], "spectrum_pre", "preliminary W_pre"),
                             (axes[1], "spectrum_post", "final W (after refinement)")):
-        for r in rows:
-            curve = getattr(r, attr)
-            if not curve:
+        for i, module in enumerate(modules):
+            curves = [getattr(r, attr) for r in rows if r.module == module and getattr(r, attr)]
+            if not curves:
                 continue
-            xs = [i / (len(curve) - 1) for i in range(len(curve))]
-            ax.plot(xs, curve, lw=0.8, alpha=0.6, color=cmap(modules.index(r.module) % 10))
+            columns = list(zip(*curves))
+            median = [sorted(c)[len(c) // 2] for c in columns]
+            colour = cmap(i % 10)
+            ax.plot(CURVE_FRACTIONS, median, marker="o", ms=2.5, lw=1.2, color=colour,
+                    label=f"{module} ({len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(CURVE_FRACTIONS, [min(c) for c in columns],
+                                [max(c) for c in columns], color=colour, alpha=0.12, lw=0)
         ax.axvline(0.05, color="black", ls="--", lw=1.0)
+        ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("fraction of singular directions")
-        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("fraction of singular directions (top ones first)")
+        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("share of squared singular-value mass")
-    handles = [plt.Line2D([], [], color=cmap(i % 10), label=m) for i, m in enumerate(modules)]
-    handles.append(plt.Line2D([], [], color="black", ls="--", label="top 5 %"))
-    axes[1].legend(handles=handles, fontsize=7, loc="lower right")
-    fig.suptitle("Spectral concentration of the merged task vector", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="black", ls="--"))
+    labels.append("top 5 %")
+    axes[1].legend(handles, labels, fontsize=7, loc="lower right")
+    fig.suptitle("Spectral concentration of the merged task vector (median per module type, "
+                 "range shaded)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
