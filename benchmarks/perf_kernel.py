@@ -76,7 +76,7 @@ def make_inputs(shape, n_experts, seed=0, rank=16, dtype=torch.bfloat16):
     return base, experts
 
 
-def naive_ace(base, experts, eps=1e-5, tau=0.3, k_frac=0.3, prior=True, lam=1.0):
+def naive_ace(base, experts, eps=1e-5, tau=0.3, k_frac=0.3, prior=True, lam=1.0, gate="auto"):
     """The straightforward formulation of shared/spec/ace.md in the compute dtype: every
     per-task ``S_t`` and ``R_t`` kept, ``A`` inverted explicitly, a full (thin) SVD."""
     W0 = base.float()
@@ -86,6 +86,7 @@ def naive_ace(base, experts, eps=1e-5, tau=0.3, k_frac=0.3, prior=True, lam=1.0)
     e = [float((t.double() ** 2).sum()) for t in taus]
     logs = torch.log(torch.tensor(e, dtype=torch.float64) + 1e-12)
     het = T > 1 and float(logs.var(unbiased=True) / (logs.mean() ** 2 + 1e-12)) > tau
+    het = {"on": True, "off": False}.get(gate, het)
     C = [t - t.mean(dim=0, keepdim=True) for t in taus]
     S = [c.T @ c for c in C]
     tr = [float(torch.trace(s)) + 1e-12 for s in S]
@@ -124,7 +125,7 @@ def _hwm_kib():
     return 0
 
 
-def run_case(shape, n_experts, impl, device, save=None, threads=None):
+def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto"):
     """One measurement in this process; returns a result dict."""
     if threads:
         torch.set_num_threads(threads)
@@ -140,15 +141,15 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None):
             f.write("5")
     start = time.perf_counter()
     if impl == "ace":
-        out, diag = ace_merge(base, experts, out_dtype=torch.float32)
+        out, diag = ace_merge(base, experts, out_dtype=torch.float32, gate=gate)
         info = {"branch": diag.branch, "solver": diag.solver, "spectral": diag.spectral, "k": diag.k}
     elif impl == "naive":
-        out = naive_ace(base, experts)
+        out = naive_ace(base, experts, gate=gate)
         info = {}
     else:  # the independent float64 re-derivation the kernel tests compare against
         from tests.reference import reference_ace
 
-        out = reference_ace(base, experts)[0].float()
+        out = reference_ace(base, experts, gate=gate)[0].float()
         info = {}
     if device == "cuda":
         torch.cuda.synchronize()
@@ -164,7 +165,7 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None):
         "shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
         "seconds": seconds, "peak_bytes": int(peak), "est_bytes": est["bytes"],
         "est_flops": est["flops"], "inputs_bytes": (n_experts + 1) * shape[0] * shape[1] * 2,
-        "threads": torch.get_num_threads(), **info,
+        "threads": torch.get_num_threads(), "gate": gate, **info,
     }
 
 
@@ -176,9 +177,9 @@ def rel_diff(a_path, b_path):
     return float((da - db).double().norm() / db.double().norm())
 
 
-def spawn(shape, n_experts, impl, device, save, timeout):
+def spawn(shape, n_experts, impl, device, save, timeout, gate="auto"):
     cmd = [sys.executable, __file__, "--one", f"{shape[0]}x{shape[1]}", str(n_experts), impl,
-           device, save or ""]
+           device, save or "", gate]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -259,7 +260,9 @@ def main(argv=None):
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--spectral", action="store_true", help="time the spectral step alone")
-    p.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--gate", default="auto", choices=["auto", "on", "off"],
+                   help="ACE's branch gate for both formulations (on: heterogeneous everywhere)")
+    p.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.spectral:
         with open(args.out, "a") if args.out else open(os.devnull, "w") as out:
@@ -270,7 +273,7 @@ def main(argv=None):
     if args.one:
         shape = tuple(int(x) for x in args.one[0].split("x"))
         print(json.dumps(run_case(shape, int(args.one[1]), args.one[2], args.one[3],
-                                  args.one[4] or None)), flush=True)
+                                  args.one[4] or None, gate=args.one[5])), flush=True)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA not available: skipping the GPU measurement.")
@@ -287,7 +290,7 @@ def main(argv=None):
         results = {}
         for impl in impls:  # interleaved: the two formulations back to back on each case
             save = str(tmp / f"{impl}.pt")
-            r = spawn(shape, n_experts, impl, args.device, save, args.timeout)
+            r = spawn(shape, n_experts, impl, args.device, save, args.timeout, args.gate)
             r["name"] = name
             results[impl] = r
         ok = {impl for impl, r in results.items() if "error" not in r}
