@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import json
 import math
 import os
@@ -33,8 +32,6 @@ from mergekit_ace.kernels.ace import AceDiagnostics, ace_merge, estimate_ace_cos
 REPORT_NAME = "inspect"
 METHOD_NAME = "ace"
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.(?P<kind>weight|bias))?$")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class InspectError(RuntimeError):
@@ -222,7 +219,6 @@ class _Planned:
     tasks: list  # ExecuteMergeMethodTask, one per output tensor
     models: List[Any]  # expert ModelReferences (order of the first merge task)
     labels: List[str]
-    options: Any
 
 
 def _load_config(config_path: str):
@@ -265,7 +261,7 @@ def _plan(config_path: str, device: str, quiet: bool) -> _Planned:
         for model in merge_task.model_order:
             if model != merge_task.base_model and model not in models:
                 models.append(model)
-    return _Planned(tasks, models, expert_labels([model_label(m) for m in models]), options)
+    return _Planned(tasks, models, expert_labels([model_label(m) for m in models]))
 
 
 @contextlib.contextmanager
@@ -345,7 +341,7 @@ def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate:
             weights[str(model)] = values["weight"]
     if weights and len(set(weights.values())) > 1:
         params["weights"] = list(weights.values())
-    load_bytes = torch.tensor([], dtype=_torch_dtype(dtype_name)).element_size()
+    load_bytes = _torch_dtype(dtype_name).itemsize
     refine = params.get("refine", True) and branch in ("heterogeneous", "gamma")
     cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine)
     return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
