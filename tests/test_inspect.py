@@ -312,3 +312,24 @@ def test_config_errors_are_explained(tiny_family, tmp_path, change, message):
     result = CliRunner().invoke(main, ["inspect", str(config), "--out", str(tmp_path / "r"), "-q"])
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_tokenizer_alignment_goes_through_mergekit(tiny_family, tmp_path):
+    """With `tokenizer: {source: union}` the embedding rows are aligned by mergekit first:
+    the expert that added two tokens makes the merged vocabulary 130 rows."""
+    from mergekit_ace.inspect import inspect_config
+
+    names = EXPERTS + ["expert_tokens"]
+    config = write_config(tmp_path / "ace.yml", {
+        "merge_method": "ace", "base_model": str(tiny_family["base"]),
+        "models": model_list(tiny_family, names), "tokenizer": {"source": "union"},
+        "dtype": "float32",
+    })
+    report = inspect_config(str(config), quiet=True, flop_rate=FLOP_RATE)
+    assert report.experts == ["math", "code", "chat", "tokens"]
+    rows = {r.name: r for r in report.rows}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert rows[name].shape == (130, 32)
+        assert len(rows[name].energies) == 4 and all(e > 0 for e in rows[name].energies)
+        assert rows[name].gamma == pytest.approx(independent_gamma(rows[name].energies), rel=1e-9)
+    assert [p.name for p in tmp_path.iterdir()] == ["ace.yml"]
