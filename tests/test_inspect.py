@@ -120,10 +120,14 @@ def test_csv_has_one_row_per_tensor_with_energy_columns(inspected):
 
 
 def test_filter_changes_exactly_the_mlp_rows(inspected, tiny_family, tmp_path):
+    from mergekit.merge_methods import registry
+
     from mergekit_ace.inspect import inspect_config
 
+    registered = registry.get("ace")
     config = write_config(tmp_path / "plain.yml", ace_config(tiny_family, tau_filter=False))
     plain = {r.name: r for r in inspect_config(str(config), quiet=True, flop_rate=FLOP_RATE).rows}
+    assert registry.get("ace") is registered  # the instrumented method was only borrowed
     filtered = inspected["rows"]
     assert set(plain) == set(filtered)
     changed = {n for n in plain if plain[n].parameters["tau"] != filtered[n]["parameters"]["tau"]}
