@@ -270,8 +270,11 @@ def plot_cost(report, path: Path) -> Optional[str]:
                        f"GFLOP/s {source})")
     axes[1].barh(labels, [totals[m][1] / 2**30 for m in order], color="#dd8452")
     axes[1].set_xlabel("predicted peak memory of one tensor (GiB)")
+    from matplotlib.ticker import NullFormatter
+
     for ax in axes:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
     from mergekit_ace.inspect import human_seconds
