@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mergekit_ace.kernels.ace import estimate_ace_cost  # noqa: E402
 
 MB = 1e6
 
 
 def kernel_table(rows):
-    out = ["| tensor | shape | T | naive s | ace s | speedup | ace vs naive | ace vs f64 | naive vs f64 "
-           "| naive peak MB | ace peak MB | estimate MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| tensor | shape | T | branch | naive s | ace s | speedup | ace vs naive | ace vs f64 "
+           "| naive vs f64 | naive peak MB | ace peak MB | estimate MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cases = {}
     for r in rows:
         cases.setdefault((r.get("name"), tuple(r["shape"]), r["experts"], r["device"]), {})[r["impl"]] = r
@@ -24,8 +28,8 @@ def kernel_table(rows):
 
     for (name, shape, T, device), impls in cases.items():
         a, nv = impls.get("ace", {}), impls.get("naive", {})
-        out.append("| {} | {}x{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            name, shape[0], shape[1], T,
+        out.append("| {} | {}x{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            name, shape[0], shape[1], T, a.get("branch", "-"),
             fmt(nv.get("seconds"), ".1f") if "error" not in nv else nv["error"],
             fmt(a.get("seconds"), ".1f") if "error" not in a else a["error"],
             fmt(a.get("speedup"), ".2f"),
@@ -34,7 +38,7 @@ def kernel_table(rows):
             fmt(nv.get("rel_diff_vs_float64"), ".1e"),
             fmt(nv.get("peak_bytes", 0) / MB if nv.get("peak_bytes") else None, ".0f"),
             fmt(a.get("peak_bytes", 0) / MB if a.get("peak_bytes") else None, ".0f"),
-            fmt(a.get("est_bytes", 0) / MB if a.get("est_bytes") else None, ".0f")))
+            fmt(estimate_ace_cost(shape, T)["bytes"] / MB, ".0f")))
     return "\n".join(out)
 
 

@@ -349,8 +349,9 @@ def estimate_ace_cost(
     persistent = n * n + mn * (4 if refine else 2)
     per_task = max(2 * mn, mn + (m * m if short_rows else n * n))
     accumulate = (persistent + per_task) * b
-    # Solve: base, D, N, the system and its Cholesky (or LU) factor, the solution.
-    solve = ((3 if refine else 2) * mn + 2 * n * n + mn) * b
+    # Solve: base, D, N, the system and its Cholesky (or LU) factor, the intermediate and
+    # final solutions of the two triangular solves.
+    solve = ((3 if refine else 2) * mn + 2 * n * n + 2 * mn) * b
     spectral = 0
     if refine:
         # base, W_pre, F, the update; float64 Gram + eigenvectors (+ eigh workspace),
