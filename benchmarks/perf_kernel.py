@@ -57,16 +57,21 @@ DISTINCT = ["q_proj", "k_proj", "gate_proj", "down_proj", "embed_tokens"]
 SCALES = (0.002, 0.02, 0.006, 0.05, 0.004, 0.01, 0.03, 0.008)  # uneven: heterogeneous branch
 
 
-def make_inputs(shape, n_experts, seed=0, rank=16, dtype=torch.bfloat16):
-    """Base and experts, built in place one at a time (no large temporaries)."""
+def make_inputs(shape, n_experts, seed=0, rank=16, dtype=torch.bfloat16, device="cpu"):
+    """Base and experts, built in place one at a time (no large temporaries), on ``device``
+    (the same seed gives different numbers on CPU and CUDA)."""
     m, n = shape
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(m, n, generator=g).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=g, device=device)
+
+    base = randn(m, n).to(dtype)
     experts = []
     for t in range(n_experts):
-        delta = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+        delta = randn(m, rank) @ randn(rank, n)
         delta.div_(math.sqrt(rank))
-        noise = torch.randn(m, n, generator=g)
+        noise = randn(m, n)
         delta.add_(noise, alpha=0.3)
         del noise
         delta.mul_(SCALES[t % len(SCALES)])
@@ -129,9 +134,8 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto
     """One measurement in this process; returns a result dict."""
     if threads:
         torch.set_num_threads(threads)
-    base, experts = make_inputs(shape, n_experts)
+    base, experts = make_inputs(shape, n_experts, device=device)
     if device == "cuda":
-        base, experts = base.cuda(), [e.cuda() for e in experts]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -169,10 +173,10 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto
     }
 
 
-def rel_diff(a_path, b_path):
+def rel_diff(a_path, b_path, device="cpu"):
     a, b = torch.load(a_path), torch.load(b_path)
-    base, _ = make_inputs(tuple(a.shape), 0)
-    base = base.float()
+    base, _ = make_inputs(tuple(a.shape), 0, device=device)
+    base = base.float().cpu()
     da, db = a - base, b - base
     return float((da - db).double().norm() / db.double().norm())
 
@@ -296,11 +300,12 @@ def main(argv=None):
         ok = {impl for impl, r in results.items() if "error" not in r}
         if {"naive", "ace"} <= ok:
             results["ace"]["speedup"] = results["naive"]["seconds"] / results["ace"]["seconds"]
-            results["ace"]["rel_diff_vs_naive"] = rel_diff(tmp / "ace.pt", tmp / "naive.pt")
+            results["ace"]["rel_diff_vs_naive"] = rel_diff(tmp / "ace.pt", tmp / "naive.pt",
+                                                          args.device)
         if "reference" in ok:
             for impl in ok - {"reference"}:
-                results[impl]["rel_diff_vs_float64"] = rel_diff(tmp / f"{impl}.pt",
-                                                                tmp / "reference.pt")
+                results[impl]["rel_diff_vs_float64"] = rel_diff(
+                    tmp / f"{impl}.pt", tmp / "reference.pt", args.device)
         for impl, r in results.items():
             line = json.dumps(r)
             print(line, flush=True)
