@@ -421,7 +421,9 @@ def _solve_2d(
         if do_refine:
             T_sum.add_(tau_t, alpha=w)
         del tau_t
-        tr = float(C.square().sum(dtype=torch.float64)) + LOG_FLOOR  # trace(C^T C)
+        # eq. 6: S_t = C^T C; its trace is also that of C C^T, whichever Gram is formed.
+        gram = C @ C.T if short_rows else C.T @ C
+        tr = float(gram.diagonal().sum(dtype=torch.float64)) + LOG_FLOOR
         traces.append(tr)
         scale = w / tr if heterogeneous else w  # eq. 8-10: trace normalization
         if eps == "auto":
@@ -429,19 +431,16 @@ def _solve_2d(
         else:
             eps_t = eps / tr if heterogeneous else eps
         if short_rows:
-            S_sum.addmm_(C.T, C, alpha=scale)  # eq. 6, straight into the sum
-            K = C @ C.T
-            Q.addmm_(K, C, alpha=scale)
-            del K
+            S_sum.addmm_(C.T, C, alpha=scale)  # straight into the sum: no [n, n] temporary
+            Q.addmm_(gram, C, alpha=scale)  # C S_t = (C C^T) C
             if do_refine:
                 q.add_((mu @ C.T) @ C, alpha=scale)
         else:
-            S = C.T @ C  # eq. 6
-            S_sum.add_(S, alpha=scale)
-            Q.addmm_(C, S, alpha=scale)
+            S_sum.add_(gram, alpha=scale)
+            Q.addmm_(C, gram, alpha=scale)
             if do_refine:
-                q.add_(mu @ S, alpha=scale)
-            del S
+                q.add_(mu @ gram, alpha=scale)
+        del gram
         C_eps.add_(C, alpha=w * eps_t)
         ridge += w * eps_t
         del C, mu
