@@ -60,9 +60,9 @@ def main(argv=None) -> None:
     names = {"base": "base", "experts": "expert",
              f"task_arithmetic (lambda=1/{len(tasks)})": f"TA 1/{len(tasks)}",
              "task_arithmetic (lambda=1)": "TA 1", "ace": "ACE"}
-    width = max(len(t.name) for t in tasks) + 2
+    width = max(20, max(len(t.name) for t in tasks) + 2)
     print()
-    print("held-out accuracy, %".ljust(width + 2) + "".join(f"{names[c]:>10}" for c in cols))
+    print(f"  {'held-out accuracy, %':<{width}}" + "".join(f"{names[c]:>10}" for c in cols))
     for t in tasks:
         cells = []
         for c in cols:

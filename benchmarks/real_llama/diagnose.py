@@ -62,7 +62,8 @@ def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 
         ws = [e[name] for e in experts]
         merged, diag = ace_merge(w0, ws, eps=eps, tensor_name=name)
         row = {"tensor": name, "type": module_type(name), "shape": list(w0.shape),
-               "branch": diag.branch, "gamma": diag.gamma, "energies": diag.energies}
+               "branch": diag.branch, "gamma": diag.gamma, "energies": diag.energies,
+               "log_spread": getattr(diag, "log_spread", None)}
         if w0.dim() == 2 and diag.branch not in ("unchanged",):
             taus = [w - w0 for w in ws]
             mean_tau = sum(taus) / len(taus)

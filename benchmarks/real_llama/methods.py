@@ -18,7 +18,7 @@ EPS_SWEEP = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 class MethodSpec:
     label: str  # row name in tables and charts
     method: str  # merge_method
-    group: str  # "baseline", "ace", "ablation", "eps", "other"
+    group: str  # "baseline", "ace", "ablation", "eps", "variant", "other"
     parameters: Dict = field(default_factory=dict)
     model_parameters: Dict = field(default_factory=dict)
     seeded: bool = False  # pass --random-seed
@@ -67,6 +67,8 @@ def method_specs(n_tasks: int, *, eps_sweep=EPS_SWEEP) -> List[MethodSpec]:
         MethodSpec("actmat", "actmat", "other", {"lambda": 1.0}, optional=True),
         MethodSpec("iso_cts", "iso_cts", "other", {"lambda": 1.0}, optional=True),
         MethodSpec("ace eps=auto", "ace", "eps", {"eps": "auto"}, optional=True),
+        MethodSpec("ace gate_statistic=log_spread", "ace", "variant",
+                   {"gate_statistic": "log_spread"}, optional=True),
     ]
     return specs
 
@@ -101,12 +103,11 @@ def is_available(spec: MethodSpec) -> bool:
 
 
 def select(specs: List[MethodSpec], only: Optional[List[str]] = None) -> List[MethodSpec]:
-    """Specs whose label or group is in ``only`` (all when empty), minus unavailable ones."""
-    out = []
-    for s in specs:
-        if only and s.label not in only and s.group not in only:
-            continue
-        if s.optional and not is_available(s):
-            continue
-        out.append(s)
-    return out
+    """Specs whose label or group is in ``only`` (all when empty; in ``only``'s order),
+    minus the unavailable ones."""
+    if only:
+        picked: List[MethodSpec] = []
+        for key in only:
+            picked += [s for s in specs if key in (s.label, s.group) and s not in picked]
+        specs = picked
+    return [s for s in specs if not s.optional or is_available(s)]

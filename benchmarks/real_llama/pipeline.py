@@ -76,7 +76,7 @@ def run_mergekit(config: dict, out_dir: Path, seed: Optional[int] = None,
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path = out_dir.with_suffix(".yml")
+    cfg_path = out_dir.parent / (out_dir.name + ".yml")
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
     cmd = [exe, str(cfg_path), str(out_dir), "--copy-tokenizer", "--quiet"]

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 RESULTS = ROOT / "benchmarks" / "results"
-GROUP_ORDER = ("reference", "baseline", "other", "ace", "ablation", "eps")
+GROUP_ORDER = ("reference", "baseline", "other", "ace", "ablation", "variant", "eps")
 GROUP_COLOURS = {"reference": "#9e9e9e", "baseline": "#4c72b0", "other": "#8172b2",
-                 "ace": "#c44e52", "ablation": "#dd8452", "eps": "#e5ae38"}
+                 "ace": "#c44e52", "ablation": "#dd8452", "variant": "#da8bc3",
+                 "eps": "#e5ae38"}
 
 
 def tasks_of(results: Dict) -> List[str]:

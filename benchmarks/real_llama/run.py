@@ -141,7 +141,7 @@ def run(
                            spec.parameters, spec.model_parameters)
         try:
             seconds = run_mergekit(cfg, out_dir, seed=seed if spec.seeded else None,
-                                   log=out_dir.with_suffix(".log"))
+                                   log=out_dir.parent / (out_dir.name + ".log"))
         except RuntimeError as exc:
             rows[spec.label] = {"group": spec.group, "key": spec.key(), "error": str(exc)[-500:]}
             save()
