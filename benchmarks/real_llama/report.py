@@ -129,7 +129,7 @@ def chart(results: Dict, path: Path) -> Path:
                 and isinstance(rows[l].get("parameters", {}).get("eps", 1e-5), float)
                 and (rows[l]["group"] == "eps" or l == "ace")]
     bars = [l for l in labels if rows[l]["group"] != "eps"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.42 * len(bars) + 2.2),
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.42 * len(bars) + 2.8),
                                   gridspec_kw={"width_ratios": [1.6, 1]})
     y = list(range(len(bars)))[::-1]
     task_markers = ["o", "s", "^", "D", "v", "P"]
@@ -138,8 +138,8 @@ def chart(results: Dict, path: Path) -> Path:
         g = rows[l]["group"]
         ax.barh(yi, 100 * s["norm_avg"], color=GROUP_COLOURS.get(g, "#777"), alpha=0.85,
                 height=0.7)
-        ax.text(100 * s["norm_avg"] - 1, yi, f"{100 * s['norm_avg']:.1f}", va="center",
-                ha="right", fontsize=8.5, color="white", fontweight="bold")
+        ax.text(1.5, yi, f"{100 * s['norm_avg']:.1f}", va="center", ha="left", fontsize=9,
+                color="white", fontweight="bold")
         for k, t in enumerate(tasks):
             ax.plot(100 * s["norm"][t], yi, task_markers[k % 6], color="black", ms=4,
                     alpha=0.6, label=t if yi == y[0] else None)
@@ -150,7 +150,8 @@ def chart(results: Dict, path: Path) -> Path:
                   "markers: tasks)")
     ax.set_xlim(0, max(115, 5 + max(100 * max(summary(results, l)["norm"].values())
                                     for l in bars)))
-    ax.legend(loc="lower right", fontsize=8, title="task", title_fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=len(tasks), fontsize=8,
+              title="task (markers)", title_fontsize=8, frameon=False)
     ax.set_title("Which merge keeps the experts' skills?")
     ax.grid(axis="x", alpha=0.3)
 
