@@ -129,18 +129,24 @@ def test_vocabulary_aligned_by_mergekit_tokenizer(tiny_family, tmp_path):
     merged = load_state(out)
 
     # Reproduce mergekit's union alignment: the two new tokens exist only in expert_tokens,
-    # so every model (the base included) takes that expert's rows for them.
+    # so every model (the base included) takes that expert's rows for them, at the ids the
+    # merged tokenizer gives them (their order is mergekit's choice).
+    from transformers import AutoTokenizer
+
+    merged_ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<tool>", "</tool>"])
+    source_ids = AutoTokenizer.from_pretrained(tiny_family["expert_tokens"]).convert_tokens_to_ids(["<tool>", "</tool>"])
+    assert sorted(merged_ids) == [128, 129] and source_ids == [128, 129]
+    order = [source_ids[merged_ids.index(i)] for i in (128, 129)]
     base = load_state(tiny_family["base"])
     experts = [load_state(tiny_family[n]) for n in names]
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        donor = experts[-1][key][128:]
+        donor = experts[-1][key][order]
+        experts[-1][key] = torch.cat([experts[-1][key][:128], donor])
         aligned = [torch.cat([e[key][:128], donor]) if e[key].shape[0] == 128 else e[key] for e in experts]
         expected, diag = ace_merge(torch.cat([base[key], donor]), aligned)
         assert merged[key].shape == (130, 32)
         assert torch.allclose(merged[key], expected, atol=1e-6), key
         assert diag.branch in ("heterogeneous", "homogeneous")
-    tok = (out / "tokenizer.json").read_text()
-    assert "<tool>" in tok
 
 
 def test_missing_base_model_fails_before_loading(tiny_family, tmp_path):
