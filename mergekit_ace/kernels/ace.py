@@ -15,11 +15,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mergekit_ace.kernels.common import (
-    check_inputs,
-    compute_dtype_for,
-    finish,
     TaskVectors,
-    normalized_weights,
+    finish,
+    prepare,
     task_vectors,
     weighted_mean_delta,
 )
@@ -186,12 +184,10 @@ def ace_merge(
         raise ValueError(
             f"oom_fallback must be one of {', '.join(OOM_FALLBACKS)}, got {oom_fallback!r}"
         )
-    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
-    w_all = normalized_weights(
-        weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
+    w_all, dtype, out_dtype = prepare(
+        base, experts, weights, compute_dtype=compute_dtype, out_dtype=out_dtype,
+        tensor_name=tensor_name, expert_names=expert_names,
     )
-    dtype = compute_dtype or compute_dtype_for(base, *experts)
-    out_dtype = out_dtype or base.dtype
     if base.dim() == 2 and base.device.type == "cuda":
         free = free_device_bytes if free_device_bytes is not None else cuda_free_bytes(base.device)
         if needs_cpu_fallback(

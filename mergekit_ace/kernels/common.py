@@ -88,6 +88,26 @@ def normalized_weights(
     return weights
 
 
+def prepare(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Optional[Sequence[float]],
+    *,
+    compute_dtype: Optional[torch.dtype],
+    out_dtype: Optional[torch.dtype],
+    tensor_name: Optional[str],
+    expert_names: Optional[Sequence[str]],
+) -> tuple[List[float], torch.dtype, torch.dtype]:
+    """Every kernel's preamble: refuse bad inputs and weights, then pick the compute dtype
+    (float32 at least) and the output dtype (default: the base's). Returns
+    ``(weights, compute_dtype, out_dtype)``."""
+    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
+    w_all = normalized_weights(
+        weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
+    )
+    return w_all, compute_dtype or compute_dtype_for(base, *experts), out_dtype or base.dtype
+
+
 @dataclass
 class TaskVectors:
     """Task vectors of the experts that take part in this tensor's merge.

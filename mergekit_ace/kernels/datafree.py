@@ -19,10 +19,8 @@ import torch
 from mergekit_ace.kernels.common import (
     MergeInputError,
     TaskVectors,
-    check_inputs,
-    compute_dtype_for,
     finish,
-    normalized_weights,
+    prepare,
     task_vectors,
     weighted_mean_delta,
 )
@@ -86,12 +84,10 @@ def merge_tensor(
         raise MergeInputError(
             f"{method} takes no per-task weights (its paper defines none); pass weights=None."
         )
-    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
-    w_all = normalized_weights(
-        weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
+    w_all, dtype, out_dtype = prepare(
+        base, experts, weights, compute_dtype=compute_dtype, out_dtype=out_dtype,
+        tensor_name=tensor_name, expert_names=expert_names,
     )
-    dtype = compute_dtype or compute_dtype_for(base, *experts)
-    out_dtype = out_dtype or base.dtype
     tv = task_vectors(base, experts, w_all, dtype)
     diag = diagnostics(
         tensor=tensor_name,
