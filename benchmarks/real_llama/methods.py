@@ -24,6 +24,7 @@ class MethodSpec:
     seeded: bool = False  # pass --random-seed
     optional: bool = False
     note: str = ""
+    base: bool = True  # pass the base model as base_model (linear averages the experts only)
 
     def key(self) -> str:
         """Identity of the merge (method + parameters), for the score cache."""
@@ -61,7 +62,7 @@ def method_specs(n_tasks: int, *, eps_sweep=EPS_SWEEP) -> List[MethodSpec]:
     for eps in order:
         specs.append(MethodSpec(f"ace eps={eps:g}", "ace", "eps", {"eps": eps}))
     specs += [
-        MethodSpec("linear", "linear", "baseline", model_parameters=one,
+        MethodSpec("linear", "linear", "baseline", model_parameters=one, base=False,
                    note="uniform average of the experts: the same model as task_arithmetic "
                    "at lambda=1/T, a check of the pipeline"),
         MethodSpec("actmat", "actmat", "other", {"lambda": 1.0}, optional=True),

@@ -49,7 +49,7 @@ def ensure_experts(base_dir: Path, tasks: Sequence[Task], cfgs: Dict[str, TrainC
     return out
 
 
-def merge_config(method: str, base_dir: Path, experts: Sequence[Path],
+def merge_config(method: str, base_dir: Optional[Path], experts: Sequence[Path],
                  parameters: Optional[dict] = None, model_parameters: Optional[dict] = None
                  ) -> dict:
     models = []
@@ -58,12 +58,10 @@ def merge_config(method: str, base_dir: Path, experts: Sequence[Path],
         if model_parameters:
             entry["parameters"] = dict(model_parameters)
         models.append(entry)
-    cfg = {
-        "merge_method": method,
-        "base_model": str(base_dir),
-        "models": models,
-        "dtype": "float32",
-    }
+    cfg = {"merge_method": method}
+    if base_dir is not None:
+        cfg["base_model"] = str(base_dir)
+    cfg.update({"models": models, "dtype": "float32"})
     if parameters:
         cfg["parameters"] = dict(parameters)
     return cfg

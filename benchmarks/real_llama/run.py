@@ -134,15 +134,17 @@ def run(
     for spec in pbar:
         pbar.set_description(spec.label)
         row = rows.get(spec.label)
-        if row and row.get("key") == spec.key():
-            continue
+        if row and row.get("key") == spec.key() and "error" not in row:
+            continue  # scored before with the same configuration (failed merges are retried)
         out_dir = merged_root / spec.label.replace(" ", "_").replace("/", "-")
-        cfg = merge_config(spec.method, base_dir, [experts[t.name] for t in tasks],
+        cfg = merge_config(spec.method, base_dir if spec.base else None,
+                           [experts[t.name] for t in tasks],
                            spec.parameters, spec.model_parameters)
         try:
             seconds = run_mergekit(cfg, out_dir, seed=seed if spec.seeded else None,
                                    log=out_dir.parent / (out_dir.name + ".log"))
         except RuntimeError as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
             rows[spec.label] = {"group": spec.group, "key": spec.key(), "error": str(exc)[-500:]}
             save()
             continue
