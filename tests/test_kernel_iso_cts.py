@@ -81,3 +81,19 @@ def test_non_2d_tensors_take_the_mean():
     out, diag = iso_cts_merge(base, experts)
     assert diag.branch == "mean"
     assert torch.allclose(out, (experts[0] + experts[1]) / 2, rtol=0, atol=1e-6)
+
+
+def test_polar_factor_survives_svd_failure(monkeypatch):
+    """When LAPACK's SVD does not converge, the polar factor comes from X^T X instead."""
+    from mergekit_ace.kernels import linalg
+
+    X = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = linalg.nearest_orthonormal(X)
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    got = linalg.nearest_orthonormal(X)
+    assert torch.allclose(got, expected, atol=1e-10)
+    assert torch.allclose(got.T @ got, torch.eye(6, dtype=torch.float64), atol=1e-10)

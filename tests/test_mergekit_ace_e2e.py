@@ -194,3 +194,20 @@ def test_negative_weight_is_named(tiny_family, tmp_path):
     with pytest.raises(Exception, match="parameter `weight` must be >= 0"):
         run_merge_in_process(config, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_library_errors_name_the_tensor(monkeypatch):
+    """An error raised inside a numerical library is re-raised with the tensor's name."""
+    from mergekit_ace.registration import our_method
+    from mergekit.merge_methods.base import TensorGroup
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    base = torch.randn(24, 16)
+    experts = [base + s * torch.randn(24, 16) for s in (0.01, 1.0, 0.1)]
+    group = TensorGroup.from_tensors([base, *experts], base_index=0, name="model.layers.3.mlp.up_proj.weight")
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    monkeypatch.setattr(torch.linalg, "eigh", failing_svd)
+    with pytest.raises(RuntimeError, match=r"ace failed on tensor 'model\.layers\.3\.mlp\.up_proj\.weight'.*converge"):
+        our_method("ace")([group], parameters={"gate": "on"})

@@ -71,8 +71,27 @@ def top_singular_triplets(
 def nearest_orthonormal(X: torch.Tensor) -> torch.Tensor:
     """The orthonormal-column matrix nearest ``X`` (``[m, k]``, ``k <= m``) in Frobenius norm:
     the polar factor ``P Q^T`` of the thin SVD ``X = P S Q^T``."""
-    P, _, Qh = torch.linalg.svd(X, full_matrices=False)
-    return P @ Qh
+    try:
+        P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+        return P @ Qh
+    except torch.linalg.LinAlgError:
+        return polar_from_gram(X)
+
+
+def polar_from_gram(X: torch.Tensor) -> torch.Tensor:
+    """The polar factor ``X (X^T X)^{-1/2}`` from a float64 eigendecomposition of ``X^T X``.
+
+    The fallback of :func:`nearest_orthonormal` when LAPACK's divide-and-conquer SVD fails to
+    converge (it can on matrices with many repeated singular values). Directions where ``X``
+    is numerically rank-deficient (eigenvalues below ``k * eps * max``) are left out, so the
+    result is the nearest partial isometry on ``X``'s range.
+    """
+    X64 = X.double()
+    evals, evecs = torch.linalg.eigh(X64.T @ X64)
+    top = float(evals.max()) if evals.numel() else 0.0
+    keep = evals > X.shape[1] * torch.finfo(torch.float64).eps * top
+    V = evecs[:, keep]
+    return ((X64 @ V) * evals[keep].rsqrt() @ V.T).to(X.dtype)
 
 
 def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:

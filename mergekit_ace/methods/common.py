@@ -149,14 +149,25 @@ class KernelMergeMethod(GroupMergeMethod):
         experts = group.non_base
         weights = parameters.pop("weight", None)
         kwargs = {self.parameter_map.get(k, k): v for k, v in parameters.items()}
-        tensor, diagnostics = self.kernel(
-            base.tensor,
-            [entry.tensor for entry in experts],
-            weights=[weights[entry.id] for entry in experts] if weights is not None else None,
-            tensor_name=group.metadata.name,
-            expert_names=[model_label(entry.id) for entry in experts],
-            **kwargs,
-        )
+        name = group.metadata.name
+        try:
+            tensor, diagnostics = self.kernel(
+                base.tensor,
+                [entry.tensor for entry in experts],
+                weights=[weights[entry.id] for entry in experts] if weights is not None else None,
+                tensor_name=name,
+                expert_names=[model_label(entry.id) for entry in experts],
+                **kwargs,
+            )
+        except Exception as error:
+            if name and name in str(error):
+                raise
+            # A numerical library's own error (e.g. an SVD that did not converge) says
+            # nothing about where it happened.
+            raise RuntimeError(
+                f"merge_method {self.spec.name} failed on tensor {name!r} "
+                f"(shape {tuple(base.tensor.shape)}, {len(experts)} experts): {error}"
+            ) from error
         if self.on_diagnostics is not None:
             self.on_diagnostics(diagnostics)
         return tensor
