@@ -21,7 +21,7 @@ from mergekit.merge_methods.base import (
 )
 
 
-def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str = "") -> Any:
+def _number_check(name: str, low: float, high: float, what: str) -> Callable[[Any], float]:
     def validate(value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError(f"parameter `{name}` must be a number, got {value!r}")
@@ -33,18 +33,21 @@ def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str
             raise ValueError(f"parameter `{name}` must be {what}, got {value!r}")
         return number
 
-    return Annotated[float, PlainValidator(validate)]
+    return validate
+
+
+def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str = "") -> Any:
+    return Annotated[float, PlainValidator(_number_check(name, low, high, what))]
 
 
 def _number_or_word(name: str, word: str, low: float = -math.inf, what: str = "") -> Any:
-    number = _number(name, low, what=f"{what} or {word!r}")
-    (inner,) = [m for m in number.__metadata__ if isinstance(m, PlainValidator)]
+    number = _number_check(name, low, math.inf, what)
 
     def validate(value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() == word:
             return word
         try:
-            return inner.func(value)
+            return number(value)
         except ValueError:
             raise ValueError(
                 f"parameter `{name}` must be {what} or {word!r}, got {value!r}"
