@@ -179,6 +179,23 @@ def test_eps_auto_is_scale_equivariant(kwargs):
     assert rel_err(out_s - base.double(), alpha * (out - base.double())) < 1e-9
 
 
+@pytest.mark.parametrize("kwargs", [{"gate": "off"}, {"gate": "on", "prior": False}])
+def test_fixed_eps_on_rescaled_task_vectors_is_a_rescaled_eps(kwargs):
+    # With a fixed eps, multiplying every task vector by a is the same as merging the
+    # original experts with eps / a^2 and multiplying the result by a (homogeneous branch,
+    # or heterogeneous without the energy-normalized prior): an eps sweep is a sweep over
+    # the units of the task vectors. docs/benchmarks.md reads its eps sweep this way.
+    base, experts = make_experts((24, 16), (0.05, 1.0, 0.2))
+    b = base.double()
+    alpha, eps = 10.0, 1e-3
+    scaled = [b + alpha * (e.double() - b) for e in experts]
+    out_s, _ = ace_merge(b, scaled, eps=eps, **kwargs)
+    out, _ = ace_merge(b, [e.double() for e in experts], eps=eps / alpha**2, **kwargs)
+    assert rel_err(out_s - b, alpha * (out - b)) < 1e-9
+    unscaled_eps, _ = ace_merge(b, [e.double() for e in experts], eps=eps, **kwargs)
+    assert rel_err(out_s - b, alpha * (unscaled_eps - b)) > 1e-3
+
+
 # ---- decisions for degenerate inputs ----
 
 
