@@ -27,10 +27,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_ace.kernels.ace import AceDiagnostics, ace_merge, estimate_ace_cost
+from mergekit_ace.kernels.ace import (
+    DEFAULT_GATE_STATISTIC,
+    AceDiagnostics,
+    ace_merge,
+    estimate_ace_cost,
+)
 
 REPORT_NAME = "inspect"
 METHOD_NAME = "ace"
+UNDECIDED = "auto"  # estimate-only branch under gate: auto (needs the data)
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.(?P<kind>weight|bias))?$")
 
 
@@ -72,6 +78,16 @@ class TensorRow:
     kernel_seconds: Optional[float] = None
     spectrum_pre: Optional[List[float]] = field(default=None, repr=False)
     spectrum_post: Optional[List[float]] = field(default=None, repr=False)
+
+    @property
+    def gate_statistic(self) -> str:
+        """The statistic that gates this tensor under ``gate: auto``."""
+        return self.parameters.get("gate_statistic", DEFAULT_GATE_STATISTIC)
+
+    @property
+    def gate_value(self) -> Optional[float]:
+        """That statistic's value (``gamma`` or ``log_spread``); None when not computed."""
+        return self.gamma if self.gate_statistic == "gamma" else self.log_spread
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()}
@@ -347,7 +363,7 @@ def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate:
     if weights and len(set(weights.values())) > 1:
         params["weights"] = list(weights.values())
     load_bytes = _torch_dtype(dtype_name).itemsize
-    refine = params.get("refine", True) and branch in ("heterogeneous", "gamma")
+    refine = params.get("refine", True) and branch in ("heterogeneous", UNDECIDED)
     cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine)
     return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
                      parameters=params, branch=branch, **cost)
@@ -452,7 +468,7 @@ def _estimate_rows(planned: _Planned, device: str, flop_rate: float, quiet: bool
         elif gate == "off" or len(experts) < 2:
             branch = "homogeneous"
         else:
-            branch = "gamma"  # decided from the data at merge time; costed as heterogeneous
+            branch = UNDECIDED  # decided from the data at merge time; costed as heterogeneous
         compute_bytes = 8 if str(dtype) == "float64" else 4
         rows.append(_row_skeleton(merge_task, shape, str(dtype), len(experts), flop_rate,
                                   compute_bytes, branch))
@@ -571,7 +587,7 @@ def human_seconds(s: float) -> str:
 
 
 def summary_text(report: InspectReport) -> str:
-    """The short terminal summary: branch counts, gamma range, the heaviest tensor, the
+    """The short terminal summary: branch counts, gate-statistic range, the heaviest tensor, the
     predicted peak memory and total time, the worst-conditioned system, the files."""
     lines = []
     n = len(report.rows)
@@ -579,21 +595,23 @@ def summary_text(report: InspectReport) -> str:
     lines.append(f"ACE inspect of {report.config}: {n} tensors, {len(report.experts)} experts "
                  f"({', '.join(report.experts)}), {mode}, device {report.device}")
     counts = report.branch_counts()
-    order = ["heterogeneous", "homogeneous", "gamma", "mean", "unchanged", "copied"]
-    parts = [f"{counts[b]} {b if b != 'gamma' else 'decided by gamma at merge time'}"
+    order = ["heterogeneous", "homogeneous", UNDECIDED, "mean", "unchanged", "copied"]
+    parts = [f"{counts[b]} {b if b != UNDECIDED else 'decided at merge time (gate: auto)'}"
              for b in order + sorted(set(counts) - set(order)) if b in counts]
     lines.append("  branches:  " + ", ".join(parts))
-    by_module: Dict[str, List[float]] = {}
+    by_module: Dict[str, List[TensorRow]] = {}
     for row in report.rows:
-        if row.gamma is not None:
-            by_module.setdefault(row.module, []).append(row.gamma)
+        if row.gate_value is not None:
+            by_module.setdefault(row.module, []).append(row)
     if by_module:
-        lines.append("  gamma by module type (min .. max):")
-        for module, values in by_module.items():
-            taus = sorted({r.parameters.get("tau") for r in report.rows if r.module == module})
-            hetero = sum(1 for r in report.rows if r.module == module and r.branch == "heterogeneous")
-            lines.append(f"    {module:<24} {min(values):.3g} .. {max(values):.3g}   "
-                         f"tau {', '.join(f'{t:g}' for t in taus)}   heterogeneous {hetero}/{len(values)}")
+        lines.append("  gate statistic by module type (min .. max):")
+        for module, rows in by_module.items():
+            values = [r.gate_value for r in rows]
+            names = "/".join(sorted({r.gate_statistic for r in rows}))
+            taus = sorted({r.parameters.get("tau") for r in rows})
+            hetero = sum(1 for r in rows if r.branch == "heterogeneous")
+            lines.append(f"    {module:<24} {names} {min(values):.3g} .. {max(values):.3g}   "
+                         f"tau {', '.join(f'{t:g}' for t in taus)}   heterogeneous {hetero}/{len(rows)}")
     heavy = report.heaviest()
     if heavy is not None:
         lines.append(f"  heaviest tensor: {heavy.name} {list(heavy.shape)}: {heavy.flops / 1e9:.3g} GFLOP, "

@@ -12,12 +12,16 @@ from typing import Dict, List, Optional, Tuple
 BRANCH_COLOURS = {
     "heterogeneous": "#d95f02",
     "homogeneous": "#1b9e77",
-    "gamma": "#bbbbbb",
+    "auto": "#bbbbbb",
     "mean": "#7570b3",
     "unchanged": "#eeeeee",
     "copied": "#666666",
 }
-BRANCH_LABELS = {"gamma": "decided by gamma"}
+BRANCH_LABELS = {"auto": "decided at merge time"}
+STATISTIC_LABELS = {
+    "gamma": "gamma = var(log e) / mean(log e)^2",
+    "log_spread": "log_spread = std(log10 e)",
+}
 
 
 class MissingPlotDependency(RuntimeError):
@@ -84,10 +88,11 @@ def _series(report, module: str, value) -> Tuple[List[int], List[float]]:
     return xs, ys
 
 
-def plot_gamma(report, path: Path) -> Optional[str]:
-    """gamma per layer, one line per module type, against each module type's ``tau``."""
+def plot_gate(report, path: Path) -> Optional[str]:
+    """The gate statistic in force (``gamma`` or ``log_spread``) per layer, one line per module
+    type, against each module type's ``tau``."""
     plt = require_matplotlib()
-    modules = [m for m in _layer_modules(report) if _series(report, m, lambda r: r.gamma)[0]]
+    modules = [m for m in _layer_modules(report) if _series(report, m, lambda r: r.gate_value)[0]]
     if not modules:
         return None
     from matplotlib.ticker import MaxNLocator
@@ -96,10 +101,10 @@ def plot_gamma(report, path: Path) -> Optional[str]:
     cmap = plt.get_cmap("tab10")
     taus: Dict[tuple, List[str]] = {}
     for i, module in enumerate(modules):
-        xs, ys = _series(report, module, lambda r: r.gamma)
+        xs, ys = _series(report, module, lambda r: r.gate_value)
         ax.plot(xs, ys, marker="o", ms=3.5, lw=1.2, color=cmap(i % 10), label=module)
         hetero = [(x, y) for x, y, r in zip(xs, ys, [r for r in report.rows if r.module == module
-                                                        and r.layer is not None and r.gamma is not None])
+                                                        and r.layer is not None and r.gate_value is not None])
                   if r.branch == "heterogeneous"]
         if hetero:
             ax.scatter(*zip(*hetero), s=40, facecolors="none", edgecolors=cmap(i % 10), lw=1.2)
@@ -110,11 +115,15 @@ def plot_gamma(report, path: Path) -> Optional[str]:
         label = "tau" if len(taus) == 1 else f"tau ({', '.join(group)})"
         ax.plot(tx, ty, ls=("--", ":", "-.")[n % 3], color="black", lw=1.2, label=label,
                 drawstyle="steps-mid")
-    ax.set_yscale("log")
+    statistics = sorted({r.gate_statistic for r in report.rows if r.gate_value is not None})
+    values = [r.gate_value for r in report.rows if r.gate_value is not None]
+    if min(values) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("gamma = var(log e) / mean(log e)^2")
-    ax.set_title("Heterogeneity gamma by layer (circled: heterogeneous branch, gamma > tau)")
+    ax.set_ylabel(" | ".join(STATISTIC_LABELS.get(s, s) for s in statistics))
+    ax.set_title(f"Gate statistic {'/'.join(statistics)} by layer "
+                 "(circled: heterogeneous branch, statistic > tau)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -188,13 +197,13 @@ def plot_branches(report, path: Path) -> Optional[str]:
     ax.set_xlabel("layer (embeddings and head at the ends; 1-D tensors are averaged, not shown)")
     if len(columns) <= 16:
         for (column, module), row in cells.items():
-            if row.gamma is not None:
-                ax.text(columns.index(column), modules.index(module), f"{row.gamma:.2g}",
+            if row.gate_value is not None:
+                ax.text(columns.index(column), modules.index(module), f"{row.gate_value:.2g}",
                         ha="center", va="center", fontsize=6, color="black")
     present = [b for b in names if any(r.branch == b for r in cells.values())]
     ax.legend(handles=[Patch(color=BRANCH_COLOURS[b], label=BRANCH_LABELS.get(b, b)) for b in present],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_title("ACE branch per tensor (numbers: gamma)")
+    ax.set_title("ACE branch per tensor (numbers: the gate statistic)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -292,7 +301,7 @@ def write_plots(report, out_dir: Path) -> Dict[str, str]:
     require_matplotlib()
     out_dir = Path(out_dir)
     files = {}
-    for kind, plot in (("gamma", plot_gamma), ("energy", plot_energy),
+    for kind, plot in (("gate", plot_gate), ("energy", plot_energy),
                        ("branches", plot_branches), ("concentration", plot_concentration),
                        ("cost", plot_cost)):
         path = plot(report, out_dir / f"{kind}.png")

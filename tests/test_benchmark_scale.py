@@ -34,11 +34,11 @@ def test_scale_test_separates_scale_free_from_fixed_eps():
     def devs(config):
         return [r["rel_deviation"] for r in rows if r["config"] == config]
 
-    assert max(devs("eps auto, log_spread")) < 1e-6
+    assert max(devs("eps auto, log_spread (default)")) < 1e-6
     assert all(r["branch_a"] == r["branch_1"] for r in rows
-               if r["config"] == "eps auto, log_spread")
+               if r["config"] == "eps auto, log_spread (default)")
     # with a fixed eps the ridge's weight changes by a^2: the merge is not a rescaled copy
-    assert min(devs("eps 1e-5, gamma (default)")) > 1e-3
+    assert min(devs("eps 1e-5, gamma (paper)")) > 1e-3
 
     table = summarize(rows, [0.1, 10.0])
     lines = table.splitlines()

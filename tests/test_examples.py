@@ -45,9 +45,9 @@ def test_single_stage_example(name, tiny_family, tmp_path):
     weights = [m.get("parameters", {}).get("weight", 1.0) for m in config["models"]]
     key = "model.layers.1.self_attn.o_proj.weight"
     if name == "ace-per-tensor.yml":
-        kwargs = dict(eps=1e-5, gate="auto", k_frac=0.3, lam=0.9)
+        kwargs = dict(eps="auto", gate="auto", k_frac=0.3, lam=0.9)
     else:
-        kwargs = dict(eps=1e-5, tau=0.3, k_frac=0.3)
+        kwargs = dict(eps="auto", gate_statistic="log_spread", tau=0.3, k_frac=0.3)
     expected, _ = ace_merge(base[key].bfloat16(), [e[key].bfloat16() for e in experts], weights=weights, **kwargs)
     assert merged[key].dtype == torch.bfloat16
     assert torch.equal(merged[key], expected)

@@ -14,7 +14,12 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"gate": "off"}, {"eps": "auto"}])
+PAPER = {"eps": 1e-5, "gate_statistic": "gamma"}
+DEFAULTS = {"eps": "auto", "gate_statistic": "log_spread"}
+
+
+@pytest.mark.parametrize("kwargs", [PAPER, {**PAPER, "gate": "off"}, DEFAULTS,
+                                    {**DEFAULTS, "gate": "off"}])
 def test_kernel_on_cuda_matches_float64_reference(kwargs):
     base, experts = make_experts((96, 64), (0.01, 1.0, 0.1))
     out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], **kwargs)

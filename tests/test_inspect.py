@@ -19,7 +19,7 @@ from tests.tiny_models import model_list, run_cli, write_config
 EXPERTS = ["expert_math", "expert_code", "expert_chat"]
 LABELS = ["math", "code", "chat"]  # report columns: the shared "expert_" is dropped
 MLP_TAU = 5.0  # between the tiny family's mlp gammas (about 3.5 .. 5.6): some flip branch
-REPORT_FILES = {"inspect.csv", "inspect.json", "gamma.png", "energy.png", "branches.png",
+REPORT_FILES = {"inspect.csv", "inspect.json", "gate.png", "energy.png", "branches.png",
                 "concentration.png", "cost.png"}
 FLOP_RATE = 1e9  # in-process runs skip the calibration
 
@@ -30,7 +30,7 @@ def ace_config(paths, tau_filter: bool) -> dict:
         "merge_method": "ace",
         "base_model": str(paths["base"]),
         "models": model_list(paths, EXPERTS),
-        "parameters": {"tau": tau, "eps": 1e-5},
+        "parameters": {"tau": tau, "eps": 1e-5, "gate_statistic": "gamma"},
         "dtype": "float32",
     }
 
@@ -72,7 +72,8 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
         assert row["energies"] == pytest.approx(energies, rel=1e-4)
         tau = MLP_TAU if ".mlp." in name else 0.3
         assert row["parameters"]["tau"] == tau
-        _, diag = ace_merge(base, experts, tau=tau, eps=1e-5, spectra=True, tensor_name=name)
+        _, diag = ace_merge(base, experts, tau=tau, eps=1e-5, gate_statistic="gamma",
+                            spectra=True, tensor_name=name)
         assert row["branch"] == diag.branch
         assert tuple(row["shape"]) == tuple(base.shape)
         if base.dim() != 2:
@@ -140,11 +141,42 @@ def test_filter_changes_exactly_the_mlp_rows(inspected, tiny_family, tmp_path):
             assert plain[name].k == filtered[name]["k"]
 
 
+def independent_log_spread(energies):
+    logs = [math.log10(e) for e in energies]
+    mean = sum(logs) / len(logs)
+    return math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+
+
+def test_default_gate_is_log_spread_in_report_and_summary(tiny_family, tmp_path):
+    from mergekit_ace.inspect import inspect_config, summary_text
+
+    config = {"merge_method": "ace", "base_model": str(tiny_family["base"]),
+              "models": model_list(tiny_family, EXPERTS), "dtype": "float32",
+              "parameters": {"tau": 0.1}}
+    path = write_config(tmp_path / "ace.yml", config)
+    report = inspect_config(str(path), quiet=True, flop_rate=FLOP_RATE)
+    states = {n: load_file(tiny_family[n] / "model.safetensors") for n in ["base"] + EXPERTS}
+    decided = set()
+    for row in report.rows:
+        if len(row.shape) != 2:
+            continue
+        base = states["base"][row.name].double()
+        energies = [float((states[e][row.name].double() - base).square().sum()) for e in EXPERTS]
+        assert row.parameters["gate_statistic"] == "log_spread"
+        assert row.parameters["eps"] == "auto"
+        assert row.gate_value == pytest.approx(independent_log_spread(energies), rel=1e-4)
+        assert row.branch == ("heterogeneous" if row.gate_value > 0.1 else "homogeneous")
+        decided.add(row.branch)
+    assert decided == {"heterogeneous", "homogeneous"}  # tau 0.1 splits the tiny family
+    text = summary_text(report)
+    assert "gate statistic by module type" in text and "log_spread" in text
+
+
 def test_plots_are_real_pngs(inspected):
     from matplotlib.image import imread
 
     out = inspected["work"] / "report"
-    for name in ("gamma.png", "energy.png", "branches.png", "concentration.png", "cost.png"):
+    for name in ("gate.png", "energy.png", "branches.png", "concentration.png", "cost.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
@@ -182,7 +214,7 @@ def test_estimate_only_reads_no_tensor_data(inspected, tiny_family, tmp_path, mo
     for row in report.rows:
         measured = full[row.name]
         assert list(row.shape) == measured["shape"]
-        assert row.branch == ("mean" if len(row.shape) != 2 else "gamma")
+        assert row.branch == ("mean" if len(row.shape) != 2 else "auto")
         assert row.gamma is None and row.energies is None
         # an undecided branch is costed as the heterogeneous one (the dearer, with refinement)
         if measured["branch"] in ("heterogeneous", "mean"):
@@ -254,7 +286,7 @@ def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
     assert down.workspace_bytes == estimate_ace_cost((4096, 14336), 3, 4)["bytes"]
     assert down.peak_bytes == down.workspace_bytes + 5 * 4096 * 14336 * 2  # 4 inputs + output
     q = next(r for r in report.rows if r.name == "model.layers.0.self_attn.q_proj.weight")
-    assert q.branch == "gamma"
+    assert q.branch == "auto"
     heaviest = report.heaviest()
     assert heaviest.name in ("lm_head.weight", "model.embed_tokens.weight")
     embed = estimate_ace_cost((128256, 4096), 3, 4)["bytes"] + 5 * 128256 * 4096 * 2

@@ -10,6 +10,10 @@ from mergekit_ace.kernels.ace import ace_merge, heterogeneity, log_spread
 from mergekit_ace.kernels.common import MergeInputError
 from tests.reference import reference_ace, rel_err
 
+# The paper's settings of the two parameters whose package defaults are the scale-free ones;
+# most tests here check the paper's algorithm against the float64 re-derivation.
+PAPER = {"eps": 1e-5, "gate_statistic": "gamma"}
+
 
 def make_experts(shape, scales, seed=0, rank=3):
     """Base plus low-rank-plus-noise task vectors of the given scales."""
@@ -51,9 +55,9 @@ CASES = [
 @pytest.mark.parametrize("shape,scales,kwargs,branch", CASES)
 def test_kernel_matches_float64_reference(shape, scales, kwargs, branch):
     base, experts = make_experts(shape, scales)
+    kwargs = {**PAPER, **kwargs}
     out, diag = ace_merge(base, experts, **kwargs)
-    ref_kwargs = dict(kwargs)
-    ref, ref_branch = reference_ace(base, experts, **ref_kwargs)
+    ref, ref_branch = reference_ace(base, experts, **kwargs)
     assert diag.branch == branch == ref_branch
     assert out.dtype == torch.float32
     delta, ref_delta = out.double() - base.double(), ref - base.double()
@@ -61,6 +65,22 @@ def test_kernel_matches_float64_reference(shape, scales, kwargs, branch):
     if diag.branch == "heterogeneous" and kwargs.get("refine", True):
         assert diag.k == math.floor(min(shape) * kwargs.get("k_frac", 0.3)) > 0
         assert diag.sigma_iso > 0
+
+
+@pytest.mark.parametrize("scales,branch", [((0.01, 1.0, 0.1), "heterogeneous"),
+                                           ((0.5, 0.6, 0.55), "homogeneous")])
+def test_defaults_are_eps_auto_and_log_spread(scales, branch):
+    base, experts = make_experts((24, 16), scales)
+    out, diag = ace_merge(base, experts)
+    ref, ref_branch = reference_ace(base, experts, eps="auto", gate_statistic="log_spread")
+    assert diag.gate_statistic == "log_spread" and diag.branch == branch == ref_branch
+    deltas = [e.double() - base.double() for e in experts]
+    traces = [float((d - d.mean(dim=0)).square().sum()) for d in deltas]  # tr(C_t^T C_t)
+    expected_ridge = 2.0**-12 * (1.0 if branch == "heterogeneous" else sum(traces) / 3)
+    assert diag.ridge == pytest.approx(expected_ridge, rel=1e-5)
+    assert rel_err(out.double() - base.double(), ref - base.double()) < 2e-4
+    paper, _ = ace_merge(base, experts, **PAPER)
+    assert rel_err(paper.double() - base.double(), ref - base.double()) > 1e-3
 
 
 def test_gamma_matches_independent_formula():
@@ -77,8 +97,8 @@ def test_gamma_matches_independent_formula():
 
 def test_float64_inputs_compute_in_float64():
     base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
-    out, _ = ace_merge(base.double(), [e.double() for e in experts])
-    ref, _ = reference_ace(base, experts)
+    out, _ = ace_merge(base.double(), [e.double() for e in experts], **PAPER)
+    ref, _ = reference_ace(base, experts, **PAPER)
     assert out.dtype == torch.float64
     assert rel_err(out - base.double(), ref - base.double()) < 1e-10
 
@@ -86,9 +106,9 @@ def test_float64_inputs_compute_in_float64():
 def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
     base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
     base16, experts16 = base.bfloat16(), [e.bfloat16() for e in experts]
-    out, _ = ace_merge(base16, experts16)
+    out, _ = ace_merge(base16, experts16, **PAPER)
     assert out.dtype == torch.bfloat16
-    ref, _ = reference_ace(base16.float(), [e.float() for e in experts16])
+    ref, _ = reference_ace(base16.float(), [e.float() for e in experts16], **PAPER)
     assert torch.equal(out, ref.to(torch.bfloat16)) or rel_err(out.float() - base16.float(), ref - base16.double()) < 1e-2
 
 
@@ -146,8 +166,8 @@ def test_paper_gamma_gate_depends_on_units():
     zero = torch.zeros_like(base)
     deltas = [e - base for e in experts]
     # energies near 1 make mean(log e) ~ 0, so the same experts in other units flip branch
-    near_one = ace_merge(zero, [0.1 * d for d in deltas])[1]
-    large = ace_merge(zero, deltas)[1]
+    near_one = ace_merge(zero, [0.1 * d for d in deltas], **PAPER)[1]
+    large = ace_merge(zero, deltas, **PAPER)[1]
     assert near_one.log_spread == pytest.approx(large.log_spread, rel=1e-6)
     assert (near_one.branch, large.branch) == ("heterogeneous", "homogeneous")
 
@@ -216,9 +236,9 @@ def test_no_expert_changed_the_tensor_returns_base():
 
 def test_small_tensor_with_k_zero_skips_refinement_without_nan():
     base, experts = make_experts((2, 3), (0.01, 1.0, 0.1), rank=1)
-    out, diag = ace_merge(base, experts, gate="on")
+    out, diag = ace_merge(base, experts, gate="on", **PAPER)
     assert diag.k == 0 and torch.isfinite(out).all()
-    ref, _ = reference_ace(base, experts, gate="on")
+    ref, _ = reference_ace(base, experts, gate="on", **PAPER)
     assert rel_err(out - base, ref - base.double()) < 1e-4
 
 
@@ -235,8 +255,8 @@ def test_singular_system_falls_back_to_least_squares():
 def test_single_expert_uses_homogeneous_branch():
     base, experts = make_experts((24, 16), (0.3,))
     out, diag = ace_merge(base, experts)
-    assert diag.gamma is None and diag.branch == "homogeneous"
-    ref, _ = reference_ace(base, experts)
+    assert diag.gamma is None and diag.log_spread is None and diag.branch == "homogeneous"
+    ref, _ = reference_ace(base, experts, eps="auto")
     assert rel_err(out - base, ref - base.double()) < 1e-4
 
 

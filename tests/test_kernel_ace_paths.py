@@ -32,8 +32,8 @@ def test_fast_paths_and_fallbacks_match_reference(shape, scales, force, monkeypa
     if force in ("svd", "both"):
         monkeypatch.setattr(ace_module, "top_k_isotropic_update", lambda F, k: None)
     base, experts = make_experts(shape, scales)
-    out, diag = ace_merge(base, experts, eps=1e-2)
-    ref, branch = reference_ace(base, experts, eps=1e-2)
+    out, diag = ace_merge(base, experts, eps=1e-2, gate_statistic="gamma")
+    ref, branch = reference_ace(base, experts, eps=1e-2, gate_statistic="gamma")
     assert diag.branch == branch
     assert diag.solver == ("lu" if force in ("lu", "both") else "cholesky")
     if branch == "heterogeneous":

@@ -40,13 +40,15 @@ def test_mergekit_yaml_ace_matches_kernel_and_loads(tiny_family, tmp_path):
         "merge_method": "ace",
         "base_model": str(tiny_family["base"]),
         "dtype": "float32",
-        "parameters": {"eps": 1.0e-5},
+        "parameters": {"eps": 1.0e-5, "gate_statistic": "gamma"},  # the paper's settings
         "models": model_list(tiny_family, EXPERTS, {"expert_code": {"weight": 0.5}}),
     })
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
     merged = load_state(out)
-    expected, branches = kernel_merge(tiny_family, EXPERTS, weights=[1.0, 0.5, 1.0])
+    expected, branches = kernel_merge(
+        tiny_family, EXPERTS, weights=[1.0, 0.5, 1.0],
+        params_for=lambda key: {"eps": 1e-5, "gate_statistic": "gamma"})
     assert_matches(merged, expected, atol=1e-6)
     # the experts were built so that both branches occur
     assert {"heterogeneous", "homogeneous", "mean"} <= set(branches.values())

@@ -126,8 +126,8 @@ def chart(results: Dict, path: Path) -> Path:
     labels = [l for l in merged_labels(results)
               if summary(results, l) and summary(results, l)["norm_avg"] is not None]
     eps_rows = [l for l in labels if rows[l].get("method") == "ace"
-                and isinstance(rows[l].get("parameters", {}).get("eps", 1e-5), float)
-                and (rows[l]["group"] == "eps" or l == "ace")]
+                and rows[l]["group"] in ("eps", "ace")
+                and isinstance(rows[l].get("parameters", {}).get("eps"), float)]
     bars = [l for l in labels if rows[l]["group"] != "eps"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.42 * len(bars) + 2.8),
                                   gridspec_kw={"width_ratios": [1.6, 1]})
@@ -157,13 +157,13 @@ def chart(results: Dict, path: Path) -> Path:
 
     pts: List[Tuple[float, float, float]] = []
     for l in eps_rows:
-        e = rows[l].get("parameters", {}).get("eps", 1e-5)
+        e = rows[l]["parameters"]["eps"]
         s = summary(results, l)
         pts.append((e, 100 * s["norm_avg"], 100 * s["se"] / max(1e-9, s["avg"]) * s["norm_avg"]))
     pts.sort()
     if pts:
         ax2.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                     marker="o", color=GROUP_COLOURS["ace"], label="ace (defaults), eps swept",
+                     marker="o", color=GROUP_COLOURS["ace"], label="ace, paper's gate, eps swept",
                      capsize=3)
         ax2.set_xscale("log")
     refs = [("task_arithmetic (lambda=1)", ":"), (f"task_arithmetic (lambda=1/{len(tasks)})",
@@ -173,12 +173,14 @@ def chart(results: Dict, path: Path) -> Path:
         if s and s["norm_avg"] is not None:
             ax2.axhline(100 * s["norm_avg"], ls=ls, color="#4c72b0" if l != "base" else "#9e9e9e",
                         lw=1.2, label="base (zero-shot)" if l == "base" else l)
-    auto = summary(results, "ace eps=auto")
-    if auto and auto["norm_avg"] is not None:
-        ax2.axhline(100 * auto["norm_avg"], color=GROUP_COLOURS["eps"], lw=1.5,
-                    label="ace eps=auto")
+    for l, colour in (("ace eps=auto", GROUP_COLOURS["eps"]), ("ace", GROUP_COLOURS["ace"])):
+        s = summary(results, l)
+        if s and s["norm_avg"] is not None:
+            ax2.axhline(100 * s["norm_avg"], color=colour, lw=1.5,
+                        label="ace (defaults: eps auto, log_spread)" if l == "ace"
+                        else "ace eps=auto, paper's gate")
     ax2.axvline(1e-5, color="#c44e52", lw=0.8, alpha=0.4)
-    ax2.set_xlabel("ace eps (default 1e-5 marked)")
+    ax2.set_xlabel("ace eps (the paper's 1e-5 marked)")
     ax2.set_ylabel("average normalized accuracy, %")
     ax2.set_title("ACE's ridge eps")
     ax2.legend(fontsize=8, loc="best")

@@ -9,8 +9,9 @@ merged task vector divided by ``a`` is compared with the unscaled merge. A scale
 gives relative deviation 0 and the same branch at every factor. Computation runs in float64
 so that the deviations measure the method, not float32 round-off.
 
-Configurations compared: the default (``eps`` 1e-5, ``gate_statistic: gamma``), ``eps: auto``
-with either gate statistic, and ``eps`` 1e-5 with ``log_spread``.
+Configurations compared: the paper's (``eps`` 1e-5, ``gate_statistic: gamma``), the defaults
+(``eps: auto``, ``log_spread``), and each of the two changes alone. ``--report-only`` rebuilds
+the table from the saved rows.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from benchmarks.real_llama.diagnose import RESULTS, layer_of, load_tensors, modu
 from benchmarks.real_llama.pipeline import build_tasks, expert_dir
 
 CONFIGS = {
-    "eps 1e-5, gamma (default)": {"eps": 1e-5, "gate_statistic": "gamma"},
+    "eps 1e-5, gamma (paper)": {"eps": 1e-5, "gate_statistic": "gamma"},
     "eps 1e-5, log_spread": {"eps": 1e-5, "gate_statistic": "log_spread"},
     "eps auto, gamma": {"eps": "auto", "gate_statistic": "gamma"},
-    "eps auto, log_spread": {"eps": "auto", "gate_statistic": "log_spread"},
+    "eps auto, log_spread (default)": {"eps": "auto", "gate_statistic": "log_spread"},
 }
 
 
@@ -91,10 +92,16 @@ def main(argv=None) -> None:
                     help="only every N-th transformer layer (plus the embedding)")
     ap.add_argument("--factors", type=float, nargs="+", default=[0.1, 10.0])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     es = EXPERT_SETS[args.set]
+    saved = RESULTS / f"{es.name}_scale.json"
+    if args.report_only:
+        rows = json.loads(saved.read_text())
+        write_outputs(es.name, rows, summarize(rows, sorted({r["factor"] for r in rows})))
+        return
     tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
     dirs = [expert_dir(CACHE, es.name, t, es.train[t.name], es.heldout, es.data_seed)
             for t in tasks]
@@ -103,15 +110,19 @@ def main(argv=None) -> None:
         raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
     rows = scale_test(load_tensors(CACHE / "base"), [load_tensors(d) for d in dirs],
                       args.factors, every=args.every)
-    table = summarize(rows, args.factors)
+    write_outputs(es.name, rows, summarize(rows, args.factors))
+
+
+def write_outputs(set_name: str, rows: List[Dict], table: str) -> None:
+    """``<set>_scale.json`` / ``.md`` under benchmarks/results and the docs block."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{es.name}_scale.json").write_text(json.dumps(rows, indent=0))
-    (RESULTS / f"{es.name}_scale.md").write_text(table + "\n")
+    (RESULTS / f"{set_name}_scale.json").write_text(json.dumps(rows, indent=0))
+    (RESULTS / f"{set_name}_scale.md").write_text(table + "\n")
     doc = RESULTS.parents[1] / "docs" / "benchmarks.md"
     if doc.exists():
         from benchmarks.real_llama.report import replace_block
 
-        doc.write_text(replace_block(doc.read_text(), f"scale-{es.name}", table))
+        doc.write_text(replace_block(doc.read_text(), f"scale-{set_name}", table))
     print(table)
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.ace import GATE_STATISTICS, GATES, OOM_FALLBACKS, ace_merge
+from mergekit_ace.kernels.ace import (
+    DEFAULT_EPS,
+    DEFAULT_GATE_STATISTIC,
+    GATE_STATISTICS,
+    GATES,
+    OOM_FALLBACKS,
+    ace_merge,
+)
 from mergekit_ace.methods.common import (
     KernelMergeMethod,
     _boolean,
@@ -25,15 +32,16 @@ def ace_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         kernel=ace_merge,
         parameters=(
-            shared("eps", _number_or_word("eps", "auto", 0.0, "a finite number >= 0"), 1e-5,
+            shared("eps", _number_or_word("eps", "auto", 0.0, "a finite number >= 0"), DEFAULT_EPS,
                    "Tikhonov strength of each task's covariance proxy (step 3); "
-                   "auto: a fixed fraction of each proxy's trace"),
+                   "auto: a fixed fraction of each proxy's trace; the paper: 1e-5 for LLMs"),
             shared("tau", _number("tau", 0.0, what="a finite number >= 0"), 0.3,
-                   "heterogeneity threshold on gamma"),
+                   "heterogeneity threshold on the gate statistic"),
             shared("gate", _choice("gate", GATES, {True: "on", False: "off"}), "auto",
-                   "auto: heterogeneous when gamma > tau; on: always; off: never"),
-            shared("gate_statistic", _choice("gate_statistic", GATE_STATISTICS), "gamma",
-                   "gamma: the paper's statistic; log_spread: std of log10 energies (unit-free)"),
+                   "auto: heterogeneous when the gate statistic > tau; on: always; off: never"),
+            shared("gate_statistic", _choice("gate_statistic", GATE_STATISTICS),
+                   DEFAULT_GATE_STATISTIC,
+                   "log_spread: std of log10 energies (unit-free); gamma: the paper's statistic"),
             shared("refine", _boolean("refine"), True,
                    "spectral refinement in the heterogeneous branch"),
             shared("k_frac", _number("k_frac", 0.0, 1.0, "in [0, 1]"), 0.3,
