@@ -26,7 +26,7 @@ def main() -> None:
 def inspect_command(config_file: str, out_dir: str, cuda: bool, estimate_only: bool,
                     no_plots: bool, quiet: bool, flop_rate) -> None:
     """Show what ACE will decide for every tensor of the merge in CONFIG_FILE (the YAML that
-    `mergekit-yaml` takes), without writing a merged model: per-expert energy, gamma and
+    `mergekit-yaml` takes), without writing a merged model: per-expert energy, gate statistic and
     branch, k and sigma_iso, the system's condition, spectral concentration before and after
     refinement, and estimated time and memory. Writes inspect.csv, inspect.json and PNG plots
     to --out."""
