@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 
 from benchmarks.real_llama.config import CACHE, EXPERT_SETS
-from benchmarks.real_llama.pipeline import build_tasks, expert_dir
+from benchmarks.real_llama.pipeline import trained_expert_dirs
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -126,12 +126,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     es = EXPERT_SETS[args.set]
-    tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
-    dirs = [expert_dir(CACHE, es.name, t, es.train[t.name], es.heldout, es.data_seed)
-            for t in tasks]
-    missing = [str(d) for d in dirs if not (d / "expert.json").exists()]
-    if missing:
-        raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
+    dirs = trained_expert_dirs(CACHE, es)
     rows = diagnose(CACHE / "base", dirs, eps=args.eps, every=args.every)
     table = summarize(rows, es.tasks, args.eps)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,18 @@ def expert_dir(cache: Path, set_name: str, task: Task, cfg: TrainConfig, heldout
     return Path(cache) / "experts" / set_name / f"{task.name}_h{heldout}_d{seed}_{cfg.key()}"
 
 
+def trained_expert_dirs(cache: Path, es) -> List[Path]:
+    """The checkpoint directories of expert set ``es``, in task order; exits with a message
+    when one has not been trained yet."""
+    tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
+    dirs = [expert_dir(cache, es.name, t, es.train[t.name], es.heldout, es.data_seed)
+            for t in tasks]
+    missing = [str(d) for d in dirs if not (d / "expert.json").exists()]
+    if missing:
+        raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
+    return dirs
+
+
 def ensure_experts(base_dir: Path, tasks: Sequence[Task], cfgs: Dict[str, TrainConfig],
                    cache: Path, set_name: str, heldout: int, seed: int,
                    bar=None) -> Dict[str, Path]:

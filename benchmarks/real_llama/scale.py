@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.real_llama.config import CACHE, EXPERT_SETS
 from benchmarks.real_llama.diagnose import RESULTS, layer_of, load_tensors, module_type
-from benchmarks.real_llama.pipeline import build_tasks, expert_dir
+from benchmarks.real_llama.pipeline import trained_expert_dirs
 
 CONFIGS = {
     "eps 1e-5, gamma (paper)": {"eps": 1e-5, "gate_statistic": "gamma"},
@@ -102,12 +102,7 @@ def main(argv=None) -> None:
         rows = json.loads(saved.read_text())
         write_outputs(es.name, rows, summarize(rows, sorted({r["factor"] for r in rows})))
         return
-    tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
-    dirs = [expert_dir(CACHE, es.name, t, es.train[t.name], es.heldout, es.data_seed)
-            for t in tasks]
-    missing = [str(d) for d in dirs if not (d / "expert.json").exists()]
-    if missing:
-        raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
+    dirs = trained_expert_dirs(CACHE, es)
     rows = scale_test(load_tensors(CACHE / "base"), [load_tensors(d) for d in dirs],
                       args.factors, every=args.every)
     write_outputs(es.name, rows, summarize(rows, args.factors))
