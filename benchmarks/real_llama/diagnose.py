@@ -3,7 +3,8 @@
     python -m benchmarks.real_llama.diagnose [--set main] [--eps 1e-5]
 
 Calls the kernel :func:`mergekit_ace.kernels.ace.ace_merge` directly on the expert
-checkpoints' tensors (same defaults as ``merge_method: ace``) and tabulates the heterogeneity
+checkpoints' tensors with the paper's settings (``eps`` 1e-5 unless ``--eps``, ``gate_statistic:
+gamma``; the package's defaults are ``eps: auto``, ``log_spread``) and tabulates the heterogeneity
 ``gamma``, the branch taken, the task-vector energies, the scale of the covariance proxies
 against ``eps``, and how the ACE task vector compares with the plain mean of the task vectors.
 """
@@ -60,7 +61,7 @@ def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 
         if layer is not None and layer % every:
             continue
         ws = [e[name] for e in experts]
-        merged, diag = ace_merge(w0, ws, eps=eps, tensor_name=name)
+        merged, diag = ace_merge(w0, ws, eps=eps, gate_statistic="gamma", tensor_name=name)
         row = {"tensor": name, "type": module_type(name), "shape": list(w0.shape),
                "branch": diag.branch, "gamma": diag.gamma, "energies": diag.energies,
                "log_spread": getattr(diag, "log_spread", None)}
