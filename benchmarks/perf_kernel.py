@@ -131,9 +131,18 @@ def _hwm_kib():
 
 
 def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto"):
-    """One measurement in this process; returns a result dict."""
+    """One measurement in this process; returns a result dict. With ``PERF_STREAM=1`` in the
+    environment the kernel uses its streaming plan (no second ``[m, n]`` buffer, blocks of
+    an eighth of the tensor) whatever the tensor's size, so that the plan the embeddings
+    get can be measured on smaller shapes."""
     if threads:
         torch.set_num_threads(threads)
+    stream = os.environ.get("PERF_STREAM") == "1"
+    if stream:
+        from mergekit_ace.kernels import ace_phases
+
+        ace_phases.KEEP_F_BYTES = 0
+        ace_phases.STREAM_BLOCK_BYTES = shape[0] * shape[1] * 4 // 8
     base, experts = make_inputs(shape, n_experts, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -166,12 +175,15 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto
         peak = _hwm_kib() * 1024 - before
     if save:
         torch.save(out.cpu(), save)
-    est = estimate_ace_cost(shape, n_experts, 4)
+    refined = impl != "ace" or bool(info.get("k"))
+    est = estimate_ace_cost(shape, n_experts, 4, out_bytes=4, refine=refined)
     return {
         "shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
         "seconds": seconds, "peak_bytes": int(peak), "est_bytes": est["bytes"],
         "est_flops": est["flops"], "inputs_bytes": (n_experts + 1) * shape[0] * shape[1] * 2,
-        "threads": torch.get_num_threads(), "gate": gate, **info,
+        "threads": torch.get_num_threads(), "gate": gate, "stream": stream,
+        "plan": {"keep_f": est["plan"].keep_f, "block_rows": est["plan"].block_rows},
+        "est_phase": est["phase"], **info,
     }
 
 

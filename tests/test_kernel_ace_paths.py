@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import mergekit_ace.kernels.ace as ace_module
+import mergekit_ace.kernels.ace_phases as phases
 from mergekit_ace.kernels.ace import (
     AceOutOfMemoryError,
     ace_merge,
     estimate_ace_cost,
     needs_cpu_fallback,
 )
-from mergekit_ace.kernels.linalg import solve_right_spd_rank_one, top_k_isotropic_update
+from mergekit_ace.kernels.linalg import RightSolver, short_side_gram, top_k_isotropic_update
 from tests.reference import reference_ace, rel_err
 from tests.test_kernel_ace import make_experts
 
@@ -28,9 +29,9 @@ SHAPES = [((24, 16), (0.01, 1.0, 0.1)),  # m >= n: C^T C formed per task
 @pytest.mark.parametrize("force", ["none", "lu", "svd", "both"])
 def test_fast_paths_and_fallbacks_match_reference(shape, scales, force, monkeypatch):
     if force in ("lu", "both"):
-        monkeypatch.setattr(ace_module, "solve_right_spd_rank_one", lambda B, c, N: None)
+        monkeypatch.setattr(RightSolver, "_cholesky", classmethod(lambda cls, B, c: None))
     if force in ("svd", "both"):
-        monkeypatch.setattr(ace_module, "top_k_isotropic_update", lambda F, k: None)
+        monkeypatch.setattr(phases, "isotropic_projector", lambda G, k: None)
     base, experts = make_experts(shape, scales)
     out, diag = ace_merge(base, experts, eps=1e-2, gate_statistic="gamma")
     ref, branch = reference_ace(base, experts, eps=1e-2, gate_statistic="gamma")
@@ -48,18 +49,25 @@ def test_cholesky_solve_with_rank_one_prior_matches_float64_solve():
     c = torch.randn(30, generator=g, dtype=torch.float64) * 0.1
     N = torch.randn(7, 30, generator=g, dtype=torch.float64)
     expected = torch.linalg.solve((B + c.unsqueeze(0)).T, N.T).T
-    got, info = solve_right_spd_rank_one(B.float(), c.float(), N.float())
+    solver = RightSolver.factor(B.float(), c.float())
+    got, info = solver.solve(N.float()), solver.info
     assert info.method == "cholesky" and 0 < info.rcond <= 1
     assert rel_err(got, expected) < 1e-4
+    # rows are independent: blocks of rows give the same answer
+    assert rel_err(torch.cat([solver.solve(N[:3].float()), solver.solve(N[3:].float())]), got) < 1e-6
 
 
 def test_cholesky_solve_declines_indefinite_or_singular_systems():
     B = torch.diag(torch.tensor([1.0, -1.0, 2.0]))
-    assert solve_right_spd_rank_one(B, torch.zeros(3), torch.ones(2, 3)) is None
+    assert RightSolver._cholesky(B, torch.zeros(3)) is None
+    solver = RightSolver.factor(B, torch.zeros(3))
+    assert solver.info.method == "lu"
+    assert rel_err(solver.solve(torch.ones(2, 3)) @ B, torch.ones(2, 3)) < 1e-6
     # 1 + 1^T B^{-1} c = 0: B + 1 c^T is singular although B is not.
     B = torch.eye(3)
     c = torch.tensor([-1.0, 0.0, 0.0])
-    assert solve_right_spd_rank_one(B, c, torch.ones(2, 3)) is None
+    assert RightSolver._cholesky(B, c) is None
+    assert RightSolver.factor(B, c).info.method == "lstsq"
 
 
 @pytest.mark.parametrize("shape", [(60, 20), (20, 60), (32, 32)])
@@ -84,9 +92,46 @@ def test_blocked_gram_accumulation_is_exact_in_blocks():
     g = torch.Generator().manual_seed(4)
     F = torch.randn(100, 12, generator=g)
     F[:, 0] *= 5.0
-    a = top_k_isotropic_update(F, 3)
-    b = top_k_isotropic_update(F, 3, block_bytes=8 * 12 * 7)  # blocks of 7 rows
-    assert rel_err(a[0], b[0]) < 1e-6 and a[1] == pytest.approx(b[1], rel=1e-12)
+    whole = short_side_gram(F)
+    blocks = short_side_gram(F, block_bytes=8 * 12 * 7)  # blocks of 7 rows
+    assert rel_err(blocks, whole) < 1e-12
+    assert rel_err(whole, F.double().T @ F.double()) < 1e-12
+    assert rel_err(short_side_gram(F.T, block_bytes=8 * 12 * 7), whole) < 1e-12  # wide: F F^T
+
+
+# Row blocks of 5 rows and no second [m, n] buffer: the streaming plan of the embeddings,
+# on tensors small enough to check against the float64 reference.
+@pytest.mark.parametrize("shape,scales", SHAPES + [((37, 8), (0.02, 1.0, 0.3)),
+                                                   ((37, 8), (0.5, 0.6, 0.55))])
+@pytest.mark.parametrize("kwargs", [{"eps": 1e-2, "gate_statistic": "gamma"}, {},
+                                    {"gate": "on"}, {"gate": "on", "prior": False}])
+def test_blocked_and_streaming_plans_match_reference(shape, scales, kwargs, monkeypatch):
+    base, experts = make_experts(shape, scales)
+    whole, _ = ace_merge(base, experts, **kwargs)
+    monkeypatch.setattr(phases, "BLOCK_BYTES", 5 * shape[1] * 4)
+    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
+    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
+    out, diag = ace_merge(base, experts, **kwargs)
+    plan = estimate_ace_cost(shape, len(experts), k_frac=0.3 if diag.k else 0.0)["plan"]
+    if 2 * shape[0] >= shape[1]:
+        assert plan.block_rows == 5 and len(plan.blocks) > 1
+        assert plan.keep_f == (diag.k == 0)
+    ref, branch = reference_ace(base, experts, **{"eps": "auto", "gate_statistic": "log_spread",
+                                                 **kwargs})
+    assert diag.branch == branch
+    assert rel_err(out - base, ref - base.double()) < 2e-4
+    assert rel_err(out - base, whole - base) < 1e-4
+
+
+def test_streaming_plan_falls_back_to_svd(monkeypatch):
+    base, experts = make_experts((37, 8), (0.02, 1.0, 0.3))
+    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * 8 * 4)
+    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
+    monkeypatch.setattr(phases, "isotropic_projector", lambda G, k: None)
+    out, diag = ace_merge(base, experts, gate="on")
+    assert diag.spectral == "svd"
+    ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate="on")
+    assert rel_err(out - base, ref - base.double()) < 2e-4
 
 
 def test_estimate_keeps_its_keys_and_does_not_grow_with_experts():
@@ -99,6 +144,23 @@ def test_estimate_keeps_its_keys_and_does_not_grow_with_experts():
     # down_proj: dominated by the [n, n] system and its factor (822 MB each).
     assert estimate_ace_cost((4096, 14336), 8)["bytes"] > 2 * 14336**2 * 4
     assert estimate_ace_cost((8,), 3)["bytes"] == 64
+
+
+LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096),
+             "down_proj": (4096, 14336), "embed_tokens": (128256, 4096)}
+
+
+@pytest.mark.parametrize("name", list(LLAMA3_8B))
+def test_no_llama3_8b_tensor_needs_more_than_4_gib(name):
+    shape = LLAMA3_8B[name]
+    for refine in (True, False):
+        costs = [estimate_ace_cost(shape, t, refine=refine) for t in (2, 3, 8, 16)]
+        assert len({c["bytes"] for c in costs}) == 1  # flat in T
+        assert costs[0]["bytes"] <= 4 * 2**30, (name, refine, costs[0]["bytes"] / 2**30)
+    plan = estimate_ace_cost(shape, 3)["plan"]
+    # Only the embeddings are too large to keep F beside N: they stream it.
+    assert plan.keep_f == (name != "embed_tokens")
+    assert estimate_ace_cost(shape, 3, k_frac=0.0)["flops_spectral"] == 0
 
 
 def test_oom_decision_fits_falls_back_or_raises(caplog):

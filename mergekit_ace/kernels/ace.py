@@ -14,18 +14,26 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mergekit_ace.kernels.ace_phases import (
+    AUTO_RIDGE,
+    LOG_FLOOR,
+    TaskVectorRows,
+    accumulate,
+    build_system,
+    plan_workspace,
+    refine as refine_phase,
+    task_vector_rows,
+    solve_rows_,
+    workspace_cost,
+)
 from mergekit_ace.kernels.common import (
-    TaskVectors,
     finish,
+    finish_rows,
     prepare,
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import (
-    solve_right,
-    solve_right_spd_rank_one,
-    top_k_isotropic_update,
-)
+from mergekit_ace.kernels.linalg import RightSolver
 
 GATES = ("auto", "on", "off")
 GATE_STATISTICS = ("gamma", "log_spread")
@@ -34,12 +42,6 @@ GATE_STATISTICS = ("gamma", "log_spread")
 DEFAULT_EPS = "auto"
 DEFAULT_GATE_STATISTIC = "log_spread"
 PAPER_SETTINGS = {"eps": 1e-5, "gate_statistic": "gamma"}
-LOG_FLOOR = 1e-12
-# ``eps: auto``: each task's ridge is AUTO_RIDGE * tr(Shat_t). Every regularized proxy then has
-# condition number at most 1 + 1 / AUTO_RIDGE = 4097 whatever the units of the task vectors
-# or the width n: the largest at which a float32 LU solve still keeps about half of float32's
-# 24 significant bits (condition * unit round-off ~ 2.4e-4).
-AUTO_RIDGE = 2.0**-12
 TOP_FRACTION = 0.05
 OOM_FALLBACKS = ("cpu", "error")
 # Share of the free GPU memory the estimated workspace may take. Measured on CPU the estimate
@@ -187,6 +189,7 @@ def ace_merge(
     :class:`AceOutOfMemoryError` before any work. ``free_device_bytes`` overrides the
     measured free memory (for tests and callers that budget memory themselves).
     """
+    call = dict(locals())  # this call's arguments, for the CPU fallback's re-call
     validate_ace_parameters(
         eps=eps, tau=tau, gate=gate, k_frac=k_frac, lam=lam, gate_statistic=gate_statistic
     )
@@ -202,74 +205,122 @@ def ace_merge(
         free = free_device_bytes if free_device_bytes is not None else cuda_free_bytes(base.device)
         if needs_cpu_fallback(
             tuple(base.shape), len(experts), torch.finfo(dtype).bits // 8, free,
-            policy=oom_fallback, tensor_name=tensor_name,
+            policy=oom_fallback, tensor_name=tensor_name, k_frac=k_frac if refine else 0.0,
         ):
-            out, diag = ace_merge(
-                base.cpu(), [e.cpu() for e in experts], weights=weights, eps=eps, tau=tau,
-                gate=gate, gate_statistic=gate_statistic, refine=refine, k_frac=k_frac,
-                prior=prior, lam=lam, compute_dtype=dtype, out_dtype=out_dtype,
-                tensor_name=tensor_name, expert_names=expert_names, spectra=spectra,
-            )
+            call.update(base=base.cpu(), experts=[e.cpu() for e in experts],
+                        compute_dtype=dtype, out_dtype=out_dtype, free_device_bytes=None)
+            out, diag = ace_merge(**call)
             diag.device = "cpu (fallback)"
             return _return_to(out, base.device), diag
     if base.dim() != 2:
         tv = task_vectors(base, experts, w_all, dtype)
+        scan = _Scan(tv.indices, tv.weights, tv.energies, tv.all_energies, [])
     else:
-        tv = _participants(base, experts, w_all, dtype)
+        scan = _scan_experts(base, experts, w_all, dtype)
     diag = AceDiagnostics(
         tensor=tensor_name,
         shape=tuple(base.shape),
         branch="unchanged",
-        energies=tv.all_energies,
-        participants=tv.indices,
-        weights=tv.weights,
+        energies=scan.all_energies,
+        participants=scan.indices,
+        weights=scan.weights,
         gate_statistic=gate_statistic,
     )
-    if not tv.indices:
+    if not scan.indices:
         return base.to(out_dtype), diag
     if base.dim() != 2:
         diag.branch = "mean"
         return finish(tv.base, weighted_mean_delta(tv), lam, out_dtype, tensor_name), diag
 
-    diag.gamma = heterogeneity(tv.energies)
-    diag.log_spread = log_spread(tv.energies)
+    diag.gamma = heterogeneity(scan.energies)
+    diag.log_spread = log_spread(scan.energies)
     statistic = diag.gamma if gate_statistic == "gamma" else diag.log_spread
     heterogeneous = choose_branch(statistic, tau, gate)
     diag.branch = "heterogeneous" if heterogeneous else "homogeneous"
-    merged = _solve_2d(
-        (experts[i].to(dtype) - tv.base for i in tv.indices),  # one task vector at a time
-        tv.weights,
-        tv.energies,
-        shape=tuple(base.shape),
-        like=tv.base,
-        heterogeneous=heterogeneous,
-        eps=eps,
-        refine=refine,
-        k_frac=k_frac,
-        prior=prior,
-        diag=diag,
-        spectra=spectra,
-    )
-    return finish(tv.base, merged, lam, out_dtype, tensor_name), diag
+    m, n = base.shape
+    diag.k = math.floor(min(m, n) * k_frac) if heterogeneous and refine else 0
+    plan = plan_workspace((m, n), torch.finfo(dtype).bits // 8, diag.k, spectra=spectra)
+    src = TaskVectorRows(base, [experts[i] for i in scan.indices], dtype, scan.means)
+    W = _merge_2d(src, scan, plan, heterogeneous=heterogeneous, eps=eps, prior=prior,
+                  diag=diag, spectra=spectra, like=scan.means[0])
+    return finish_rows(base, W, lam, out_dtype, tensor_name, plan.blocks), diag
 
 
-def _participants(base, experts, weights, dtype) -> TaskVectors:
-    """:func:`task_vectors` without keeping the task vectors: energies, participants and
-    renormalized weights, computed one expert at a time (``deltas`` is left empty; the
-    caller re-forms each ``tau_t`` when it needs it, so memory does not grow with ``T``)."""
-    base_c = base.to(dtype)
-    indices, energies, all_energies, kept = [], [], [], []
+@dataclass
+class _Scan:
+    """Who takes part in a tensor's merge: ``indices`` into the experts, their weights
+    (renormalized to mean one), energies ``||tau_t||_F^2`` (float64) and column means
+    ``mu_t`` (eq. 5); ``all_energies`` for every expert."""
+
+    indices: List[int]
+    weights: List[float]
+    energies: List[float]
+    all_energies: List[float]
+    means: List[torch.Tensor]
+
+
+def _scan_experts(base, experts, weights, dtype) -> _Scan:
+    """One pass over each expert, a block of rows at a time (no ``[m, n]`` temporary): its
+    energy and column mean. Experts whose weight is 0 or that left the tensor unchanged do
+    not take part (spec decision: a zero task vector must not join the system)."""
+    m, n = base.shape
+    step = max(1, min(m, (64 * 2**20) // (n * torch.finfo(dtype).bits // 8)))
+    indices, energies, all_energies, kept, means = [], [], [], [], []
     for i, expert in enumerate(experts):
-        one = task_vectors(base_c, [expert], [weights[i]], dtype)
-        all_energies.extend(one.all_energies)
-        if one.indices:
-            indices.append(i)
-            energies.extend(one.energies)
-            kept.append(weights[i])
-        del one
+        energy = 0.0
+        col = torch.zeros(n, dtype=torch.float64, device=base.device)
+        for start in range(0, m, step):
+            d = task_vector_rows(base, expert, start, start + step, dtype)
+            energy += float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
+            col.add_(d.sum(dim=0, dtype=torch.float64))
+            del d
+        all_energies.append(energy)
+        if energy == 0.0 or weights[i] == 0.0:
+            continue
+        indices.append(i)
+        energies.append(energy)
+        kept.append(weights[i])
+        means.append((col / m).to(dtype))
     total = sum(kept)
     kept = [len(kept) * w / total for w in kept] if kept else []
-    return TaskVectors(base_c, [], indices, kept, energies, all_energies)
+    return _Scan(indices, kept, energies, all_energies, means)
+
+
+def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like) -> torch.Tensor:
+    """Steps 2-6 of the method (docs/method.md) for one ``[m, n]`` tensor: the merged task
+    vector ``W``; fills ``diag`` (solver, ridge, sigma_iso, spectra)."""
+    acc = accumulate(src, scan.weights, plan, heterogeneous=heterogeneous, eps=eps, like=like)
+    diag.ridge = acc.ridge / sum(scan.weights)
+    system = dict(prior=prior, heterogeneous=heterogeneous, eps=eps, energies=scan.energies)
+    record_pre = None
+    if spectra:
+        def record_pre(W_pre):
+            s_pre = torch.linalg.svdvals(W_pre)
+            diag.singular_values_pre = s_pre.tolist()
+            diag.concentration_pre = concentration(s_pre)
+
+    if plan.k:
+        # The system's storage is handed over, so refinement can free it after factoring.
+        W, info, diag.sigma_iso, diag.spectral = refine_phase(
+            src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre
+        )
+    else:
+        solver = RightSolver.factor(*build_system(acc, **system))
+        solve_rows_(solver, acc.N, plan)
+        W, info = acc.N, solver.info
+        del solver
+        if record_pre is not None:
+            record_pre(W)
+    diag.solver, diag.rcond = info.method, info.rcond
+    if spectra:
+        if diag.sigma_iso is None:
+            diag.singular_values_post = diag.singular_values_pre
+            diag.concentration_post = diag.concentration_pre
+        else:
+            s_post = torch.linalg.svdvals(W)
+            diag.singular_values_post = s_post.tolist()
+            diag.concentration_post = concentration(s_post)
+    return W
 
 
 def _return_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -297,11 +348,12 @@ def needs_cpu_fallback(
     *,
     policy: str = "cpu",
     tensor_name: Optional[str] = None,
+    k_frac: float = 0.3,
 ) -> bool:
     """Decide where a CUDA tensor is merged. True: on the CPU (``policy="cpu"``, logged);
     False: the estimated workspace fits in ``CUDA_HEADROOM`` of ``free_bytes``;
     ``policy="error"`` raises :class:`AceOutOfMemoryError` instead of falling back."""
-    need = estimate_ace_cost(shape, n_experts, bytes_per_element)["bytes"]
+    need = estimate_ace_cost(shape, n_experts, bytes_per_element, k_frac=k_frac)["bytes"]
     if need <= CUDA_HEADROOM * free_bytes:
         return False
     where = f"tensor {tensor_name!r}" if tensor_name else "a tensor"
@@ -330,194 +382,27 @@ def concentration(singular_values: torch.Tensor, top_fraction: float = TOP_FRACT
 
 
 def estimate_ace_cost(
-    shape: Sequence[int], n_experts: int, bytes_per_element: int = 4, *, refine: bool = True
+    shape: Sequence[int],
+    n_experts: int,
+    bytes_per_element: int = 4,
+    *,
+    refine: bool = True,
+    k_frac: float = 0.3,
+    out_bytes: int = 2,
 ) -> dict:
     """Peak extra memory (bytes) and floating-point work of ``ace_merge`` on one tensor.
 
-    ``bytes`` is the kernel's own peak workspace, not the ``T + 1`` input tensors mergekit
-    has already loaded; it does not depend on ``n_experts`` (task vectors are formed one at
-    a time). ``bytes_per_element`` is the compute dtype's size (4: float32). ``refine=False``
-    gives the homogeneous branch (no spectral step). Also returned: ``flops`` (total),
-    ``flops_grams`` / ``flops_solve`` / ``flops_spectral`` (its parts) and ``phase`` (which
-    phase sets the peak: ``"accumulate"``, ``"solve"`` or ``"spectral"``).
+    ``bytes`` is the kernel's own peak workspace including the returned tensor, not the
+    ``T + 1`` input tensors mergekit has already loaded; it does not depend on ``n_experts``
+    (task vectors are formed a block of rows at a time). ``bytes_per_element`` is the compute
+    dtype's size (4: float32), ``out_bytes`` the output dtype's (2: bfloat16). ``refine=False`` (or ``k_frac=0``) gives the homogeneous branch
+    (no spectral step). Also returned: ``flops`` (total), ``flops_grams`` / ``flops_solve`` /
+    ``flops_spectral`` (its parts), ``phase`` (which phase sets the peak: ``"accumulate"``,
+    ``"solve"`` or ``"refine"``) and the workspace ``plan`` it follows.
     """
     if len(shape) != 2:
         size = math.prod(shape)
         return {"bytes": 2 * size * bytes_per_element, "flops": 2 * n_experts * size}
-    m, n = shape
-    r = min(m, n)
-    k = math.floor(0.3 * r)
-    b = bytes_per_element
-    mn = m * n
-    short_rows = 2 * m < n
-    # Accumulation: S_sum [n, n]; base in compute dtype, Q (and C_eps, T_sum with
-    # refinement) [m, n]; per task: the task vector, its centered copy and one temporary
-    # ([m, n] for the trace, [m, m] C C^T or [n, n] C^T C).
-    persistent = n * n + mn * (4 if refine else 2)
-    per_task = max(2 * mn, mn + (m * m if short_rows else n * n))
-    accumulate = (persistent + per_task) * b
-    # Solve: base, D, N, the system and its Cholesky (or LU) factor, the intermediate and
-    # final solutions of the two triangular solves.
-    solve = ((3 if refine else 2) * mn + 2 * n * n + 2 * mn) * b
-    spectral = 0
-    if refine:
-        # base, W_pre, F, the update; float64 Gram + eigenvectors (+ eigh workspace),
-        # a float64 block of F (<= 256 MiB), the [r, r] projector.
-        spectral = 4 * mn * b + 3 * 8 * r * r + min(256 * 2**20, 8 * mn) + r * r * b
-    peak = max(accumulate, solve, spectral)
-    phase = {accumulate: "accumulate", solve: "solve", spectral: "spectral"}[peak]
-    grams = n_experts * (2 * m * n * n + (4 * m * m * n if short_rows else 2 * m * n * n))
-    grams += 2 * m * n * n if refine else 0  # T_sum Rbar
-    solve_flops = n**3 / 3 + 2 * m * n * n
-    spectral_flops = (2 * m * n * r + 4 * r**3 + 2 * r * r * k + 2 * m * n * r) if refine else 0
-    return {
-        "bytes": int(peak),
-        "flops": float(grams + solve_flops + spectral_flops),
-        "flops_grams": float(grams),
-        "flops_solve": float(solve_flops),
-        "flops_spectral": float(spectral_flops),
-        "phase": phase,
-    }
-
-
-def _solve_2d(
-    deltas: Iterable[torch.Tensor],
-    weights: List[float],
-    energies: List[float],
-    *,
-    shape: Tuple[int, int],
-    like: torch.Tensor,
-    heterogeneous: bool,
-    eps: Union[float, str],
-    refine: bool,
-    k_frac: float,
-    prior: bool,
-    diag: AceDiagnostics,
-    spectra: bool,
-) -> torch.Tensor:
-    """Steps 2-6 of the spec for one ``[m, n]`` tensor; returns the merged task vector ``W``
-    and fills ``diag`` (solver, ridge, k, sigma_iso, spectra).
-
-    ``deltas`` is consumed once, one task vector at a time, so the workspace does not grow
-    with the number of experts (see :func:`estimate_ace_cost`). ``like`` gives the compute
-    dtype and device.
-    """
-    m, n = shape
-    k = math.floor(min(m, n) * k_frac) if heterogeneous and refine else 0
-    diag.k = k
-    do_refine = k > 0  # k = 0 (small tensors, k_frac = 0): refinement vanishes
-    # Reassociate C_t Shat_t = (C_t C_t^T) C_t / tr_t when it is cheaper (4 m^2 n flops
-    # instead of 2 m n^2; also no [n, n] temporary): down_proj, k_proj, v_proj.
-    short_rows = 2 * m < n
-    # Running sums (spec, "Cost"): S_sum = sum w Shat_t (accumulated without a per-task
-    # [n, n] temporary), ridge = sum w eps_t, Q = sum w C_t Shat_t, C_eps = sum w eps_t C_t
-    # (without refinement Q and C_eps share one buffer: N = Q + C_eps is all that is needed);
-    # for refinement also q = sum w mu_t^T Shat_t (sum w tau_t Shat_t = Q + 1 q^T) and
-    # T_sum = sum w tau_t.
-    S_sum = like.new_zeros(n, n)
-    Q = like.new_zeros(m, n)
-    C_eps = like.new_zeros(m, n) if do_refine else Q
-    ridge = 0.0
-    traces = []
-    if do_refine:
-        q = like.new_zeros(n)
-        T_sum = like.new_zeros(m, n)
-    for w, tau_t in zip(weights, deltas):
-        mu = tau_t.mean(dim=0)
-        C = tau_t - mu  # eq. 5: centered over rows
-        if do_refine:
-            T_sum.add_(tau_t, alpha=w)
-        del tau_t
-        # eq. 6: S_t = C^T C; its trace is also that of C C^T, whichever Gram is formed.
-        gram = C @ C.T if short_rows else C.T @ C
-        tr = float(gram.diagonal().sum(dtype=torch.float64)) + LOG_FLOOR
-        traces.append(tr)
-        scale = w / tr if heterogeneous else w  # eq. 8-10: trace normalization
-        if eps == "auto":
-            eps_t = AUTO_RIDGE * (1.0 if heterogeneous else tr)  # tr(Shat_t)
-        else:
-            eps_t = eps / tr if heterogeneous else eps
-        if short_rows:
-            S_sum.addmm_(C.T, C, alpha=scale)  # straight into the sum: no [n, n] temporary
-            Q.addmm_(gram, C, alpha=scale)  # C S_t = (C C^T) C
-            if do_refine:
-                q.add_((mu @ C.T) @ C, alpha=scale)
-        else:
-            S_sum.add_(gram, alpha=scale)
-            Q.addmm_(C, gram, alpha=scale)
-            if do_refine:
-                q.add_(mu @ gram, alpha=scale)
-        del gram
-        C_eps.add_(C, alpha=w * eps_t)
-        ridge += w * eps_t
-        del C, mu
-    w_total = sum(weights)
-    diag.ridge = ridge / w_total
-
-    D = None
-    if do_refine:
-        # eq. 15-16: D = sum w tau_t (Shat_t - Rbar) = (Q + 1 q^T) - T_sum Rbar,
-        # with Rbar = (S_sum + ridge I) / sum w, the regularized weighted mean proxy.
-        D = Q.add(q)
-        D.addmm_(T_sum, S_sum, alpha=-1.0 / w_total)
-        D.add_(T_sum, alpha=-ridge / w_total)
-        del T_sum, q
-        N = Q.add_(C_eps)
-        del C_eps
-    else:
-        N = Q
-    del Q
-
-    # eq. 14 with R_t = Shat_t + eps_t I: A = sum w R_t + 1 c^T, N = sum w C_t R_t.
-    B = S_sum
-    del S_sum
-    c = None
-    if prior:  # eq. 11-13: c = mean row of sum w Shat_t (unregularized), added to every row
-        c = B.mean(dim=0)
-        if heterogeneous:
-            # The paper divides by the mean raw energy, which carries the task vectors' units.
-            # Scale-free mode (eps="auto") measures each energy in its own proxy's trace.
-            scale = energies if eps != "auto" else [e / t for e, t in zip(energies, traces)]
-            c.div_(sum(scale) / len(scale) + LOG_FLOOR)
-    B.diagonal().add_(ridge)
-    solved = solve_right_spd_rank_one(B, c if c is not None else B.new_zeros(n), N)
-    if solved is None:
-        if c is not None:
-            B.add_(c.unsqueeze(0))
-        solved = solve_right(B, N)
-    W_pre, info = solved
-    diag.solver, diag.rcond = info.method, info.rcond
-    del B, N, c, solved
-    if spectra:
-        s_pre = torch.linalg.svdvals(W_pre)
-        diag.singular_values_pre = s_pre.tolist()
-        diag.concentration_pre = concentration(s_pre)
-
-    W = W_pre
-    if D is not None:
-        # eq. 17-19: isotropic boost of the top-k singular directions of F = W_pre + D.
-        F = D.add_(W_pre)
-        del D
-        top = top_k_isotropic_update(F, k)
-        if top is not None:
-            M, diag.sigma_iso = top
-            diag.spectral = "gram-eigh"
-            del F
-            W = W_pre.add_(M, alpha=diag.sigma_iso)
-            del M
-        else:
-            U, s, Vh = torch.linalg.svd(F, full_matrices=False)
-            diag.spectral = "svd"
-            del F
-            diag.sigma_iso = float(s[:k].mean())
-            W = W_pre.addmm_(U[:, :k], Vh[:k], alpha=diag.sigma_iso)
-            del U, s, Vh
-    if spectra:
-        if W is W_pre and diag.sigma_iso is None:
-            diag.singular_values_post = diag.singular_values_pre
-            diag.concentration_post = diag.concentration_pre
-        else:
-            s_post = torch.linalg.svdvals(W)
-            diag.singular_values_post = s_post.tolist()
-            diag.concentration_post = concentration(s_post)
-    return W
+    k = math.floor(min(shape) * k_frac) if refine else 0
+    plan = plan_workspace(tuple(shape), bytes_per_element, k)
+    return {**workspace_cost(plan, n_experts, out_bytes), "plan": plan}

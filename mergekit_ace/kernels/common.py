@@ -167,10 +167,37 @@ def finish(
 ) -> torch.Tensor:
     """``W0 + lam * delta`` cast to ``out_dtype``; never returns NaN or Inf."""
     out = base.add(merged_delta, alpha=lam)
+    _refuse_non_finite(out, tensor_name)
+    return out.to(out_dtype)
+
+
+def finish_rows(
+    base: torch.Tensor,
+    merged_delta: torch.Tensor,
+    lam: float,
+    out_dtype: torch.dtype,
+    tensor_name: Optional[str],
+    blocks: Sequence[tuple],
+) -> torch.Tensor:
+    """:func:`finish` a block of rows at a time, overwriting ``merged_delta`` (a 2-D tensor in
+    the compute dtype): no full-size temporary besides the output when ``out_dtype`` differs
+    from the compute dtype, none at all when it does not."""
+    in_place = out_dtype == merged_delta.dtype
+    out = merged_delta if in_place else torch.empty(
+        merged_delta.shape, dtype=out_dtype, device=merged_delta.device
+    )
+    for start, stop in blocks:
+        rows = merged_delta[start:stop].mul_(lam).add_(base[start:stop].to(merged_delta.dtype))
+        _refuse_non_finite(rows, tensor_name)
+        if not in_place:
+            out[start:stop] = rows
+    return out
+
+
+def _refuse_non_finite(out: torch.Tensor, tensor_name: Optional[str]) -> None:
     if not bool(torch.isfinite(out).all()):
         where = f"tensor {tensor_name!r}" if tensor_name else "this tensor"
         raise FloatingPointError(
             f"{where}: the merge produced non-finite values; refusing to write them. Raise `eps` "
             "for this tensor (it regularizes the system) or compute in float64 (`dtype: float64`)."
         )
-    return out.to(out_dtype)

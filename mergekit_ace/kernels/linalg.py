@@ -20,35 +20,6 @@ class SolveInfo:
     rcond: float
 
 
-def solve_right(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, SolveInfo]:
-    """Solve ``X A = B`` for ``X`` (``A``: ``[n, n]``, ``B``: ``[m, n]``).
-
-    LU with partial pivoting on ``A^T``. When ``A`` is singular at working precision (a zero
-    pivot, or ``min|U_ii| / max|U_ii|`` below the dtype's machine epsilon) the minimum-norm
-    least-squares solution is returned instead.
-    """
-    At = A.transpose(0, 1)
-    LU, pivots, info = torch.linalg.lu_factor_ex(At)
-    diag = LU.diagonal().abs()
-    top = float(diag.max()) if diag.numel() else 0.0
-    rcond = float(diag.min()) / top if top > 0 else 0.0
-    if int(info) == 0 and rcond > torch.finfo(A.dtype).eps:
-        X = torch.linalg.lu_solve(LU, pivots, B.transpose(0, 1)).transpose(0, 1)
-        if bool(torch.isfinite(X).all()):
-            return X, SolveInfo("lu", rcond)
-    del LU, pivots
-    return lstsq_right(A, B), SolveInfo("lstsq", rcond)
-
-
-def lstsq_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Minimum-norm least-squares ``X`` with ``X A ~= B`` (rank-revealing; CPU uses gelsd)."""
-    if A.device.type == "cpu":
-        sol = torch.linalg.lstsq(A.transpose(0, 1), B.transpose(0, 1), driver="gelsd").solution
-        return sol.transpose(0, 1)
-    # CUDA's lstsq only handles full-rank systems; the pseudo-inverse is rank-revealing.
-    return B @ torch.linalg.pinv(A)
-
-
 def rank_tolerance(largest: float, shape: tuple, dtype: torch.dtype) -> float:
     """Numerical-rank cutoff ``largest * max(shape) * eps(dtype)``: the convention of
     ``numpy.linalg.matrix_rank`` and of ``torch.linalg.pinv``'s default ``rtol``. Singular
@@ -105,39 +76,73 @@ def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]
     return evals[keep], evecs[:, keep]
 
 
-def solve_right_spd_rank_one(
-    B: torch.Tensor, c: torch.Tensor, N: torch.Tensor
-) -> Optional[Tuple[torch.Tensor, SolveInfo]]:
-    """Solve ``X (B + 1 c^T) = N`` for symmetric positive-definite ``B`` without an LU.
+class RightSolver:
+    """Solves ``X A = N`` for ``A = B + 1 c^T`` (``B`` symmetric ``[n, n]``, ``c`` a row or
+    ``None``), factored once and applied to any number of row blocks of ``N``; never forms
+    an inverse.
 
-    Cholesky of ``B`` (half the flops of an LU), then the Sherman-Morrison correction for the
-    rank-one term: with ``Y = N B^{-1}`` and ``z = B^{-1} c``,
-    ``X = Y - (Y 1) z^T / (1 + 1^T z)``. Only the lower triangle of ``B`` is read.
-    Returns ``None`` when ``B`` is not positive definite at working precision (Cholesky
-    fails, or ``(min L_ii / max L_ii)^2``, the analogue of :func:`solve_right`'s pivot ratio,
-    is not above the dtype's machine epsilon) or when ``1 + 1^T z`` (the ratio
-    ``det(B + 1 c^T) / det(B)``) is not safely away from zero; the caller then uses
-    :func:`solve_right`.
+    Symmetric positive-definite ``B`` (the usual case): Cholesky of ``B`` (half the flops of
+    an LU), then the Sherman-Morrison correction for the rank-one term: with ``Y = N B^{-1}``
+    and ``z = B^{-1} c``, ``X = Y - (Y 1) z^T / (1 + 1^T z)``; only ``B``'s lower triangle is
+    read. When ``B`` is not positive definite at working precision (Cholesky fails, or
+    ``(min L_ii / max L_ii)^2`` is not above the dtype's machine epsilon) or ``1 + 1^T z``
+    (``det(A) / det(B)``) is not safely away from zero: LU with partial pivoting of ``A^T``;
+    when ``A`` is singular at working precision (a zero pivot, or ``min|U_ii| / max|U_ii|``
+    below machine epsilon), the minimum-norm least-squares solution ``N A^+``.
+    ``info`` reports the method and the reciprocal pivot-growth estimate ``rcond``.
     """
-    L, info = torch.linalg.cholesky_ex(B)
-    if int(info) != 0:
-        return None
-    d = L.diagonal()
-    top = float(d.max()) if d.numel() else 0.0
-    rcond = (float(d.min()) / top) ** 2 if top > 0 else 0.0
-    eps = torch.finfo(B.dtype).eps
-    if not rcond > eps:
-        return None
-    z = _right_cholesky_solve(L, c.reshape(1, -1)).reshape(-1)  # B symmetric: z = B^{-1} c
-    denom = 1.0 + float(z.sum(dtype=torch.float64))
-    if not abs(denom) > math.sqrt(eps):
-        return None
-    X = _right_cholesky_solve(L, N)
-    del L
-    X.addr_(X.sum(dim=1), z, alpha=-1.0 / denom)  # rank-one update in place
-    if not bool(torch.isfinite(X).all()):
-        return None
-    return X, SolveInfo("cholesky", rcond)
+
+    def __init__(self, method: str, rcond: float, factors: tuple):
+        self.info = SolveInfo(method, rcond)
+        self._factors = factors
+
+    @classmethod
+    def factor(cls, B: torch.Tensor, c: Optional[torch.Tensor]) -> "RightSolver":
+        return cls._cholesky(B, c) or cls._lu(B if c is None else B + c.unsqueeze(0))
+
+    @classmethod
+    def _cholesky(cls, B: torch.Tensor, c: Optional[torch.Tensor]) -> Optional["RightSolver"]:
+        eps = torch.finfo(B.dtype).eps
+        L, info = torch.linalg.cholesky_ex(B)
+        if int(info) != 0:
+            return None
+        d = L.diagonal()
+        top = float(d.max()) if d.numel() else 0.0
+        rcond = (float(d.min()) / top) ** 2 if top > 0 else 0.0
+        if not rcond > eps:
+            return None
+        if c is None:
+            return cls("cholesky", rcond, (L, None, 1.0))
+        z = _right_cholesky_solve(L, c.reshape(1, -1)).reshape(-1)  # B^{-1} c
+        denom = 1.0 + float(z.sum(dtype=torch.float64))
+        if not abs(denom) > math.sqrt(eps):
+            return None
+        return cls("cholesky", rcond, (L, z, denom))
+
+    @classmethod
+    def _lu(cls, A: torch.Tensor) -> "RightSolver":
+        LU, pivots, info = torch.linalg.lu_factor_ex(A.transpose(0, 1))
+        diag = LU.diagonal().abs()
+        top = float(diag.max()) if diag.numel() else 0.0
+        rcond = float(diag.min()) / top if top > 0 else 0.0
+        if int(info) == 0 and rcond > torch.finfo(A.dtype).eps:
+            return cls("lu", rcond, (LU, pivots))
+        del LU, pivots
+        return cls("lstsq", rcond, (torch.linalg.pinv(A),))
+
+    def solve(self, N: torch.Tensor) -> torch.Tensor:
+        """``N A^{-1}`` for a block of rows ``N`` (a new tensor)."""
+        method = self.info.method
+        if method == "cholesky":
+            L, z, denom = self._factors
+            X = _right_cholesky_solve(L, N)
+            if z is not None:
+                X.addr_(X.sum(dim=1), z, alpha=-1.0 / denom)  # rank-one update in place
+            return X
+        if method == "lu":
+            LU, pivots = self._factors
+            return torch.linalg.lu_solve(LU, pivots, N.transpose(0, 1)).transpose(0, 1)
+        return N @ self._factors[0]
 
 
 def _right_cholesky_solve(L: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
@@ -147,42 +152,51 @@ def _right_cholesky_solve(L: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
 
 
-def top_k_isotropic_update(
-    F: torch.Tensor, k: int, *, block_bytes: int = 256 * 2**20
-) -> Optional[Tuple[torch.Tensor, float]]:
-    """``(U_k V_k^T, mean(s[:k]))`` for the top ``k`` singular triplets of ``F`` (``[m, n]``).
-
-    Avoids the full SVD: the Gram matrix on the short side (``F^T F`` when ``m >= n``, else
-    ``F F^T``) is accumulated in float64 in blocks of at most ``block_bytes``, and its
-    eigendecomposition (float64) gives ``s_i^2`` and one set of singular vectors; the other
-    side never has to be formed because ``U_k V_k^T = F V_k diag(1/s_k) V_k^T`` (or
-    ``U_k diag(1/s_k) U_k^T F``). Forming the Gram in float64 keeps the subspace at least as
-    accurate as a float32 SVD of ``F``. Returns ``None`` (the caller then runs the SVD)
-    when ``s_k < 1e-3 s_1``: dividing by such small singular values would amplify the
-    float32 round-off of the final product beyond what an SVD gives.
-    """
+def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """The float64 Gram matrix of ``F`` (``[m, n]``) on its short side: ``F^T F`` when
+    ``m >= n``, else ``F F^T``, accumulated in blocks of at most ``block_bytes`` of float64."""
     m, n = F.shape
     tall = m >= n
     r = n if tall else m
     G = torch.zeros(r, r, dtype=torch.float64, device=F.device)
-    long_side = m if tall else n
     step = max(1, block_bytes // (8 * r))
-    for start in range(0, long_side, step):
+    for start in range(0, m if tall else n, step):
         block = (F[start : start + step] if tall else F[:, start : start + step]).to(torch.float64)
         if tall:
             G.addmm_(block.transpose(0, 1), block)
         else:
             G.addmm_(block, block.transpose(0, 1))
         del block
+    return G
+
+
+def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
+    """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`), ``(P, mean(s[:k]))``
+    with ``P = V_k diag(1/s_k) V_k^T`` (``[r, r]``, float64) for the top ``k`` singular triplets
+    of ``F``, so that ``U_k V_k^T = F P`` (``F`` tall) or ``P F`` (wide) without the SVD.
+
+    The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
+    a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.
+    Returns ``None`` (the caller then runs the SVD) when ``s_k < 1e-3 s_1``: dividing by such
+    small singular values would amplify the float32 round-off of the final product beyond
+    what an SVD gives.
+    """
     evals, vecs = torch.linalg.eigh(G)
-    del G
-    top = evals[-k:].flip(0).clamp_min(0.0)
+    top = evals[-k:].flip(0).clamp_min(0.0) if k else evals[:0]
     s = top.sqrt()
     if k == 0 or not float(s[-1]) >= 1e-3 * float(s[0]) or not float(s[0]) > 0:
         return None
     V = vecs[:, -k:].flip(1)
     del vecs
-    P = ((V / s) @ V.transpose(0, 1)).to(F.dtype)  # [r, r]: V diag(1/s) V^T
-    del V
-    M = F @ P if tall else P @ F
-    return M, float(s.mean())
+    return (V / s) @ V.transpose(0, 1), float(s.mean())
+
+
+def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
+    """``(U_k V_k^T, mean(s[:k]))`` for the top ``k`` singular triplets of ``F`` through
+    :func:`short_side_gram` and :func:`isotropic_projector` (``None`` where that declines)."""
+    top = isotropic_projector(short_side_gram(F), k)
+    if top is None:
+        return None
+    P, sigma = top
+    P = P.to(F.dtype)
+    return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
