@@ -213,3 +213,57 @@ def test_adapter_exposes_oom_fallback():
 
     params = {p.name: p for p in ace_method().spec.parameters}
     assert params["oom_fallback"].default == "cpu"
+
+
+def test_tf32_split_is_exact_and_its_head_fits_tf32():
+    from mergekit_ace.kernels.linalg import tf32_split
+
+    x = torch.randn(300, generator=torch.Generator().manual_seed(5)) * 1e3
+    head, rest = tf32_split(x)
+    assert torch.equal(head + rest, x)
+    assert int((head.view(torch.int32) & 0x1FFF).abs().sum()) == 0  # low 13 bits clear
+    assert bool((rest.abs() <= 2.0**-10 * x.abs()).all())
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32x3", "tf32"])
+def test_split_products_equal_plain_products_on_cpu(precision):
+    """The split algebra (three products, the Gram's symmetric cross term) is exact math;
+    on a CPU, which has no TF32, every precision gives float32 products."""
+    from mergekit_ace.kernels.linalg import addmm_, gram
+
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(40, 30, generator=g), torch.randn(30, 20, generator=g)
+    out = torch.ones(40, 20)
+    expected = torch.ones(40, 20, dtype=torch.float64) + 0.5 * a.double() @ b.double()
+    assert rel_err(addmm_(out, a, b, alpha=0.5, precision=precision), expected) < 1e-6
+    assert rel_err(gram(a, precision=precision), a.double().T @ a.double()) < 1e-6
+    assert rel_err(gram(a, rows=True, precision=precision), a.double() @ a.double().T) < 1e-6
+
+
+def test_matmul_precision_resolves_to_float32_off_cuda_and_is_validated():
+    from mergekit_ace.kernels.linalg import resolve_matmul_precision
+
+    for p in ("auto", "float32", "tf32x3", "tf32"):
+        assert resolve_matmul_precision(p, torch.device("cpu"), torch.float32) == "float32"
+    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    a, diag = ace_merge(base, experts, matmul_precision="tf32")
+    assert diag.matmul == "float32" and torch.equal(a, ace_merge(base, experts)[0])
+    with pytest.raises(ValueError, match="matmul_precision"):
+        ace_merge(base, experts, matmul_precision="bf16")
+
+
+@pytest.mark.parametrize("shape,scales", SHAPES + [((37, 8), (0.02, 1.0, 0.3))])
+@pytest.mark.parametrize("stream", [False, True])
+def test_split_products_through_the_kernel_match_reference(shape, scales, stream, monkeypatch):
+    """The tf32x3 code path (run in float32 here, where TF32 does not exist) gives the
+    float64 reference's answer on every plan."""
+    monkeypatch.setattr(ace_module, "resolve_matmul_precision", lambda p, d, t: "tf32x3")
+    if stream:
+        monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
+        monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
+    base, experts = make_experts(shape, scales)
+    for gate in ("on", "off"):
+        out, diag = ace_merge(base, experts, gate=gate)
+        assert diag.matmul == "tf32x3"
+        ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
+        assert rel_err(out - base, ref - base.double()) < 2e-4

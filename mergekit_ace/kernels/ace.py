@@ -33,7 +33,11 @@ from mergekit_ace.kernels.common import (
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import RightSolver
+from mergekit_ace.kernels.linalg import (
+    MATMUL_PRECISIONS,
+    RightSolver,
+    resolve_matmul_precision,
+)
 
 GATES = ("auto", "on", "off")
 GATE_STATISTICS = ("gamma", "log_spread")
@@ -62,6 +66,7 @@ class AceDiagnostics:
     indices of those that entered the merge (positive weight, non-zero task vector).
     ``gamma`` is the paper's statistic and ``log_spread`` the unit-free one, whichever gated.
     ``rcond`` is the solver's reciprocal pivot-growth estimate (small: ill-conditioned).
+    ``matmul``: the precision the large products ran in (``float32``, ``tf32x3``, ``tf32``).
     ``concentration_pre`` / ``concentration_post`` (only with ``spectra=True``): the share of
     squared singular-value mass held by the top 5 % of directions of ``W_pre`` and of the
     final ``W`` (paper Fig. 2).
@@ -82,6 +87,7 @@ class AceDiagnostics:
     rcond: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
+    matmul: Optional[str] = None
     ridge: Optional[float] = None
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None
@@ -166,6 +172,7 @@ def ace_merge(
     spectra: bool = False,
     oom_fallback: str = "cpu",
     free_device_bytes: Optional[int] = None,
+    matmul_precision: str = "auto",
 ) -> tuple[torch.Tensor, AceDiagnostics]:
     """Merge one tensor with ACE; returns ``(W0 + lam * W, diagnostics)``.
 
@@ -188,11 +195,21 @@ def ace_merge(
     CPU (with a warning) and returns the result on the inputs' device, ``"error"`` raises
     :class:`AceOutOfMemoryError` before any work. ``free_device_bytes`` overrides the
     measured free memory (for tests and callers that budget memory themselves).
+
+    ``matmul_precision`` (:func:`~mergekit_ace.kernels.linalg.resolve_matmul_precision`)
+    picks how the large float32 products run on a GPU: ``auto`` uses tensor cores through
+    three TF32 products per product (float32 accuracy), ``tf32`` one (faster, ~1e-3 relative
+    error), ``float32`` none. CPUs and float64 always compute in plain float32/float64.
     """
     call = dict(locals())  # this call's arguments, for the CPU fallback's re-call
     validate_ace_parameters(
         eps=eps, tau=tau, gate=gate, k_frac=k_frac, lam=lam, gate_statistic=gate_statistic
     )
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, "
+            f"got {matmul_precision!r}"
+        )
     if oom_fallback not in OOM_FALLBACKS:
         raise ValueError(
             f"oom_fallback must be one of {', '.join(OOM_FALLBACKS)}, got {oom_fallback!r}"
@@ -206,6 +223,7 @@ def ace_merge(
         if needs_cpu_fallback(
             tuple(base.shape), len(experts), torch.finfo(dtype).bits // 8, free,
             policy=oom_fallback, tensor_name=tensor_name, k_frac=k_frac if refine else 0.0,
+            matmul="float32" if matmul_precision in ("float32", "tf32") else "tf32x3",
         ):
             call.update(base=base.cpu(), experts=[e.cpu() for e in experts],
                         compute_dtype=dtype, out_dtype=out_dtype, free_device_bytes=None)
@@ -239,7 +257,9 @@ def ace_merge(
     diag.branch = "heterogeneous" if heterogeneous else "homogeneous"
     m, n = base.shape
     diag.k = math.floor(min(m, n) * k_frac) if heterogeneous and refine else 0
-    plan = plan_workspace((m, n), torch.finfo(dtype).bits // 8, diag.k, spectra=spectra)
+    plan = plan_workspace((m, n), torch.finfo(dtype).bits // 8, diag.k, spectra=spectra,
+                          matmul=resolve_matmul_precision(matmul_precision, base.device, dtype))
+    diag.matmul = plan.matmul
     src = TaskVectorRows(base, [experts[i] for i in scan.indices], dtype, scan.means)
     W = _merge_2d(src, scan, plan, heterogeneous=heterogeneous, eps=eps, prior=prior,
                   diag=diag, spectra=spectra, like=scan.means[0])
@@ -335,9 +355,13 @@ class AceOutOfMemoryError(MemoryError):
 
 def cuda_free_bytes(device: torch.device) -> int:
     """Free memory on ``device``: the driver's free bytes plus what PyTorch's caching
-    allocator holds but does not use (it can hand that out again)."""
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    allocator holds but does not use (it can hand that out again), within the process's cap
+    (``torch.cuda.set_per_process_memory_fraction``) where one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return int(max(0, min(available, fraction * total - allocated)))
 
 
 def needs_cpu_fallback(
@@ -349,11 +373,13 @@ def needs_cpu_fallback(
     policy: str = "cpu",
     tensor_name: Optional[str] = None,
     k_frac: float = 0.3,
+    matmul: str = "float32",
 ) -> bool:
     """Decide where a CUDA tensor is merged. True: on the CPU (``policy="cpu"``, logged);
     False: the estimated workspace fits in ``CUDA_HEADROOM`` of ``free_bytes``;
     ``policy="error"`` raises :class:`AceOutOfMemoryError` instead of falling back."""
-    need = estimate_ace_cost(shape, n_experts, bytes_per_element, k_frac=k_frac)["bytes"]
+    need = estimate_ace_cost(shape, n_experts, bytes_per_element, k_frac=k_frac,
+                             matmul=matmul)["bytes"]
     if need <= CUDA_HEADROOM * free_bytes:
         return False
     where = f"tensor {tensor_name!r}" if tensor_name else "a tensor"
@@ -389,13 +415,15 @@ def estimate_ace_cost(
     refine: bool = True,
     k_frac: float = 0.3,
     out_bytes: int = 2,
+    matmul: str = "float32",
 ) -> dict:
     """Peak extra memory (bytes) and floating-point work of ``ace_merge`` on one tensor.
 
     ``bytes`` is the kernel's own peak workspace including the returned tensor, not the
     ``T + 1`` input tensors mergekit has already loaded; it does not depend on ``n_experts``
     (task vectors are formed a block of rows at a time). ``bytes_per_element`` is the compute
-    dtype's size (4: float32), ``out_bytes`` the output dtype's (2: bfloat16). ``refine=False`` (or ``k_frac=0``) gives the homogeneous branch
+    dtype's size (4: float32), ``out_bytes`` the output dtype's (2: bfloat16); ``matmul`` the
+    resolved product precision (``tf32x3`` holds a block's two halves). ``refine=False`` (or ``k_frac=0``) gives the homogeneous branch
     (no spectral step). Also returned: ``flops`` (total), ``flops_grams`` / ``flops_solve`` /
     ``flops_spectral`` (its parts), ``phase`` (which phase sets the peak: ``"accumulate"``,
     ``"solve"`` or ``"refine"``) and the workspace ``plan`` it follows.
@@ -404,5 +432,5 @@ def estimate_ace_cost(
         size = math.prod(shape)
         return {"bytes": 2 * size * bytes_per_element, "flops": 2 * n_experts * size}
     k = math.floor(min(shape) * k_frac) if refine else 0
-    plan = plan_workspace(tuple(shape), bytes_per_element, k)
+    plan = plan_workspace(tuple(shape), bytes_per_element, k, matmul=matmul)
     return {**workspace_cost(plan, n_experts, out_bytes), "plan": plan}

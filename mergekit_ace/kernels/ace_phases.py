@@ -27,6 +27,8 @@ import torch
 from mergekit_ace.kernels.linalg import (
     RightSolver,
     SolveInfo,
+    addmm_,
+    gram as gram_of,
     isotropic_projector,
     short_side_gram,
 )
@@ -58,7 +60,8 @@ class WorkspacePlan:
     each task vector is formed whole. Otherwise ``C^T C`` (``[n, n]``) is accumulated over
     blocks of ``block_rows`` rows. ``k``: refined directions (0: no refinement). ``keep_f``:
     refinement holds ``F`` in a second ``[m, n]`` buffer; else it re-forms ``F`` block by
-    block in two passes (one more solve and residual product per block).
+    block in two passes (one more solve and residual product per block). ``matmul``: the
+    resolved precision of the large products (``linalg.resolve_matmul_precision``).
     """
 
     m: int
@@ -68,6 +71,7 @@ class WorkspacePlan:
     block_rows: int
     k: int
     keep_f: bool
+    matmul: str = "float32"
 
     @property
     def blocks(self) -> List[Tuple[int, int]]:
@@ -75,14 +79,15 @@ class WorkspacePlan:
 
 
 def plan_workspace(
-    shape: Sequence[int], element_bytes: int, k: int, *, spectra: bool = False
+    shape: Sequence[int], element_bytes: int, k: int, *, spectra: bool = False,
+    matmul: str = "float32",
 ) -> WorkspacePlan:
     m, n = shape
     row_gram = 2 * m < n
     keep_f = k == 0 or row_gram or spectra or m * n * element_bytes <= KEEP_F_BYTES
     block = BLOCK_BYTES if keep_f else STREAM_BLOCK_BYTES
     block_rows = m if row_gram else max(1, min(m, block // (n * element_bytes)))
-    return WorkspacePlan(m, n, element_bytes, row_gram, block_rows, k, keep_f)
+    return WorkspacePlan(m, n, element_bytes, row_gram, block_rows, k, keep_f, matmul)
 
 
 def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> dict:
@@ -97,12 +102,13 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
     m, n, b, k, T = plan.m, plan.n, plan.element_bytes, plan.k, n_experts
     mn, nn = m * n, n * n
     blk = plan.block_rows * n
+    split = 2 * blk if plan.matmul == "tf32x3" else 0  # a block's TF32 head and remainder
     if plan.row_gram:
         # S_sum, N, one task's C and its [m, m] Gram.
-        accumulate = (nn + 2 * mn + m * m) * b
+        accumulate = (nn + 2 * mn + m * m + split) * b
     else:
         # S_sum, N, the task's Gram, one block of C.
-        accumulate = (2 * nn + mn + blk) * b
+        accumulate = (2 * nn + mn + blk + split) * b
     # the system and its factor, N, the two triangular solves' blocks
     solve = (2 * nn + mn + 2 * blk) * b
     refine = 0
@@ -112,14 +118,14 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
             # N, F, the system, D's block and its inputs (T_sum, C_eps, one task vector);
             # then N, F, the system and its factor, the solve's blocks; then N, F and the
             # float64 Gram of F (a block of F in float64, eigh's matrices and workspace).
-            residual = (2 * mn + nn + 4 * blk) * b
+            residual = (2 * mn + nn + 4 * blk + split) * b
             factor = (2 * mn + 2 * nn + 2 * blk) * b
             spectral = 2 * mn * b + max(min(256 * 2**20, 8 * mn) + 8 * r * r, EIGH * r * r)
             refine = max(residual, factor, spectral)
         else:
             # N, the system, its factor and the float64 Gram (then eigh's matrices), and one
             # re-formed block of F: the solve's two blocks, D's four, F's float64 copy.
-            refine = (mn + 2 * nn + 6 * blk) * b + max(8 * blk + 8 * nn, EIGH * nn)
+            refine = (mn + 2 * nn + 6 * blk + split) * b + max(8 * blk + 8 * nn, EIGH * nn)
     finish = (mn + blk) * b + (mn * out_bytes if out_bytes != b else 0)
     peak = LIBRARY_BYTES + max(accumulate, solve, refine, finish)
     phase = {finish: "finish", accumulate: "accumulate", solve: "solve", refine: "refine"}[
@@ -204,18 +210,18 @@ def accumulate(
     N = like.new_zeros(m, n)
     q = like.new_zeros(n) if plan.k else None
     ridge, eps_list, traces = 0.0, [], []
-    blocks = plan.blocks
+    blocks, mm = plan.blocks, plan.matmul
     for t, w in enumerate(weights):
         if plan.row_gram:
             # C_t S_t = (C C^T) C: 4 m^2 n flops instead of 2 m n^2, no [n, n] temporary.
             C = src.centered(t, 0, m)
-            gram = C @ C.T
+            gram = gram_of(C, rows=True, precision=mm)
         else:
             C = src.centered(t, *blocks[0])
-            gram = C.T @ C
+            gram = gram_of(C, precision=mm)
             for start, stop in blocks[1:]:
                 C = src.centered(t, start, stop)
-                gram.addmm_(C.T, C)
+                gram.add_(gram_of(C, precision=mm))
             if len(blocks) > 1:
                 C = None  # re-formed below, block by block
         # eq. 6: tr(C^T C) = tr(C C^T), whichever Gram was formed.
@@ -230,8 +236,8 @@ def accumulate(
         ridge += w * eps_t
         mu = src.means[t]
         if plan.row_gram:
-            S_sum.addmm_(C.T, C, alpha=scale)  # straight into the sum: no [n, n] temporary
-            N.addmm_(gram, C, alpha=scale)
+            addmm_(S_sum, C.T, C, alpha=scale, precision=mm)  # no [n, n] temporary
+            addmm_(N, gram, C, alpha=scale, precision=mm)
             N.add_(C, alpha=w * eps_t)
             if q is not None:
                 q.add_((mu @ C.T) @ C, alpha=scale)
@@ -241,10 +247,10 @@ def accumulate(
                 q.add_(mu @ gram, alpha=scale)
             gram.mul_(scale).diagonal().add_(w * eps_t)  # w R_t
             if C is not None:
-                N.addmm_(C, gram)
+                addmm_(N, C, gram, precision=mm)
             else:
                 for start, stop in blocks:
-                    N[start:stop].addmm_(src.centered(t, start, stop), gram)
+                    addmm_(N[start:stop], src.centered(t, start, stop), gram, precision=mm)
         del gram, C
     return Accumulated(S_sum, N, ridge, eps_list, traces, q)
 
@@ -279,8 +285,9 @@ class ResidualRows:
     ``Rbar = B / sum w`` and ``Q = N - C_eps``, re-formed a block of rows at a time;
     ``T_sum = sum w tau_t`` and ``C_eps = sum w eps_t C_t`` come from the inputs."""
 
-    def __init__(self, src: TaskVectorRows, weights, acc: Accumulated, B: torch.Tensor):
-        self.src, self.weights, self.acc, self.B = src, list(weights), acc, B
+    def __init__(self, src: TaskVectorRows, weights, acc: Accumulated, B: torch.Tensor,
+                 matmul: str):
+        self.src, self.weights, self.acc, self.B, self.matmul = src, list(weights), acc, B, matmul
         self.w_total = float(sum(self.weights))
         self.eps_mean = sum(
             (w * e) * mu for w, e, mu in zip(self.weights, acc.eps, src.means)
@@ -298,7 +305,7 @@ class ResidualRows:
             del tau
         D = N_rows.sub(C_eps.sub_(self.eps_mean)).add_(self.acc.q)  # Q + 1 q^T
         del C_eps
-        return D.addmm_(T_sum, self.B, alpha=-1.0 / self.w_total)
+        return addmm_(D, T_sum, self.B, alpha=-1.0 / self.w_total, precision=self.matmul)
 
 
 def refine(
@@ -316,7 +323,7 @@ def refine(
     found (``"gram-eigh"`` or ``"svd"``). ``spectra_pre(W_pre)`` is called on the preliminary
     solution when given (``plan.keep_f`` only)."""
     N = acc.N
-    residual = ResidualRows(src, weights, acc, B)
+    residual = ResidualRows(src, weights, acc, B, plan.matmul)
     if plan.keep_f:
         F = torch.empty_like(N)
         for start, stop in plan.blocks:  # D first: it needs B, which the factor replaces
@@ -355,7 +362,7 @@ def refine(
     P = P.to(N.dtype)
     for start, stop in plan.blocks:
         W_rows, F_rows = f_rows(start, stop)
-        N[start:stop] = W_rows.addmm_(F_rows, P, alpha=sigma)
+        N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
         del W_rows, F_rows
     return N, solver.info, sigma, "gram-eigh"
 
@@ -375,7 +382,7 @@ def _isotropic_update_(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan) ->
     P = P.to(W.dtype)
     if plan.m >= plan.n:
         for start, stop in plan.blocks:
-            W[start:stop].addmm_(F[start:stop], P, alpha=sigma)
+            addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
     else:
-        W.addmm_(P, F, alpha=sigma)
+        addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
     return sigma, "gram-eigh"

@@ -200,3 +200,85 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
     P, sigma = top
     P = P.to(F.dtype)
     return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
+
+
+MATMUL_PRECISIONS = ("auto", "float32", "tf32x3", "tf32")
+_TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
+
+
+def resolve_matmul_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The precision the large float32 products run in on ``device``.
+
+    ``float32``: plain float32 (the CPU's and the default-PyTorch GPU's). ``tf32x3``: each
+    operand split into a TF32 head and a remainder, three tensor-core products (head*head,
+    head*rest, rest*head), accurate to float32 round-off. ``tf32``: one tensor-core product
+    (~1e-3 relative error, an explicit opt-in). ``auto``: ``tf32x3`` on CUDA GPUs with tensor
+    cores for TF32 (compute capability 8.0 and newer), ``float32`` elsewhere. Float64
+    computation is never changed, and TF32 exists only on CUDA: everything else is ``float32``.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}"
+        )
+    if dtype != torch.float32 or device.type != "cuda":
+        return "float32"
+    if precision == "auto":
+        return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    return precision
+
+
+class _Tf32:
+    """Sets cuBLAS's TF32 switch for float32 products for the duration of a block."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def tf32_split(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(head, rest)`` with ``head + rest == x`` exactly and ``head`` exactly representable in
+    TF32 (its low 13 mantissa bits cleared), so ``|rest| <= 2^-10 |x|``."""
+    head = x.view(torch.int32).bitwise_and(_TF32_MASK).view(torch.float32)
+    return head, x - head
+
+
+def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0,
+           precision: str = "float32") -> torch.Tensor:
+    """``out += alpha * a @ b`` in the resolved ``precision`` (see
+    :func:`resolve_matmul_precision`)."""
+    if precision == "float32" or out.dtype != torch.float32:
+        if out.device.type == "cuda" and out.dtype == torch.float32:
+            with _Tf32(False):
+                return out.addmm_(a, b, alpha=alpha)
+        return out.addmm_(a, b, alpha=alpha)
+    with _Tf32(True):
+        if precision == "tf32":
+            return out.addmm_(a, b, alpha=alpha)
+        a_head, a_rest = tf32_split(a)
+        b_head, b_rest = tf32_split(b)
+        out.addmm_(a_rest, b_head, alpha=alpha)  # the small terms first
+        out.addmm_(a_head, b_rest, alpha=alpha)
+        return out.addmm_(a_head, b_head, alpha=alpha)
+
+
+def gram(x: torch.Tensor, *, rows: bool = False, precision: str = "float32") -> torch.Tensor:
+    """``x^T x`` (``rows=False``) or ``x x^T`` in ``precision``; with ``tf32x3`` the two cross
+    terms are one product and its transpose (two tensor-core products instead of three)."""
+    a, b = (x, x.transpose(0, 1)) if rows else (x.transpose(0, 1), x)
+    size = a.shape[0]
+    out = x.new_zeros(size, size)
+    if precision != "tf32x3" or x.dtype != torch.float32:
+        return addmm_(out, a, b, precision=precision)
+    head, rest = tf32_split(x)
+    ha, hb = (head, head.transpose(0, 1)) if rows else (head.transpose(0, 1), head)
+    with _Tf32(True):
+        cross = ha @ (rest.transpose(0, 1) if rows else rest)  # head^T rest (or head rest^T)
+        out.add_(cross).add_(cross.transpose(0, 1))
+        del cross, rest
+        return out.addmm_(ha, hb)

@@ -10,6 +10,7 @@ from mergekit_ace.kernels.ace import (
     OOM_FALLBACKS,
     ace_merge,
 )
+from mergekit_ace.kernels.linalg import MATMUL_PRECISIONS
 from mergekit_ace.methods.common import (
     KernelMergeMethod,
     _boolean,
@@ -50,6 +51,10 @@ def ace_method() -> KernelMergeMethod:
             shared("oom_fallback", _choice("oom_fallback", OOM_FALLBACKS), "cpu",
                    "with --cuda, a tensor whose estimated workspace exceeds free GPU memory: "
                    "cpu: merge it on the CPU (logged); error: stop with a message"),
+            shared("matmul_precision", _choice("matmul_precision", MATMUL_PRECISIONS), "auto",
+                   "with --cuda, the large float32 products: auto: tensor cores at float32 "
+                   "accuracy (three TF32 products); tf32: one (faster, ~1e-3 error); "
+                   "float32: no tensor cores"),
             lambda_parameter(),
             weight_parameter(),
         ),
