@@ -34,6 +34,8 @@ CACHE = ROOT / "benchmarks" / "cache" / "e2e"
 PRESETS = {
     # ~0.5B-class widths (TinyLlama-like); layers set on the command line.
     "small": dict(hidden=2048, intermediate=5632, heads=16, kv_heads=4, vocab=32000),
+    # Llama-3-8B widths (32/8 heads, vocabulary 128256); layers set on the command line.
+    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
     # for checking that command-line flags run
     "tiny": dict(hidden=256, intermediate=688, heads=4, kv_heads=2, vocab=1024),
 }
@@ -70,8 +72,9 @@ def write_config(path, p, layers):
     (path / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def build(preset, layers, n_experts, rank=16):
-    """Base + experts under CACHE/<tag>/; returns (base_dir, [expert_dirs])."""
+def build(preset, layers, n_experts, rank=16, device="cpu"):
+    """Base + experts under CACHE/<tag>/; returns (base_dir, [expert_dirs]). The random
+    numbers are drawn on ``device`` (a GPU makes 8B-wide checkpoints in seconds)."""
     from safetensors.torch import load_file, save_file
 
     p = PRESETS[preset]
@@ -81,13 +84,14 @@ def build(preset, layers, n_experts, rank=16):
     base_dir = root / "base"
     if not (base_dir / "model.safetensors").exists():
         base_dir.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         tensors = {}
         for name, shape in shapes.items():
             if len(shape) == 1:
                 tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
             else:
-                tensors[name] = (torch.randn(*shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
+                w = torch.randn(*shape, generator=g, device=device) / math.sqrt(shape[1])
+                tensors[name] = w.to(torch.bfloat16).cpu()
         save_file(tensors, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
         write_config(base_dir, p, layers)
     base = None
@@ -99,19 +103,23 @@ def build(preset, layers, n_experts, rank=16):
             continue
         if base is None:
             base = load_file(str(base_dir / "model.safetensors"))
-        g = torch.Generator().manual_seed(100 + t)
+        g = torch.Generator(device=device).manual_seed(100 + t)
         scale = SCALES[t % len(SCALES)]
         tensors = {}
         for name, w in base.items():
-            w = w.float()
+            w = w.to(device).float()
+
+            def randn(*size):
+                return torch.randn(*size, generator=g, device=device)
+
             if w.dim() == 2:
                 m, n = w.shape
-                delta = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
-                delta.div_(math.sqrt(rank)).add_(torch.randn(m, n, generator=g), alpha=0.3)
+                delta = randn(m, rank) @ randn(rank, n)
+                delta.div_(math.sqrt(rank)).add_(randn(m, n), alpha=0.3)
                 delta.mul_(scale / math.sqrt(n))
             else:
-                delta = scale * torch.randn(w.shape, generator=g)
-            tensors[name] = (w + delta).to(torch.bfloat16)
+                delta = scale * randn(*w.shape)
+            tensors[name] = (w + delta).to(torch.bfloat16).cpu()
         d.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
         write_config(d, p, layers)
@@ -195,10 +203,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    p.add_argument("--gen-device", default="cpu", help="where the random checkpoints are drawn")
     args = p.parse_args(argv)
     flag_sets = [f.strip() for f in args.flags.split(";")]
     gpu = any("--cuda" in f or "--gpu" in f for f in flag_sets)
-    base_dir, expert_dirs = build(args.preset, args.layers, args.experts)
+    base_dir, expert_dirs = build(args.preset, args.layers, args.experts, device=args.gen_device)
     root = base_dir.parent
     out = open(args.out, "a") if args.out else None
     try:

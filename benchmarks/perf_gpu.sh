@@ -1,77 +1,75 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one script (one CUDA GPU; written to stay under 10 minutes
-# on an H100 through per-step time limits; not yet run).
+# The whole GPU measurement in one script, written to stay under 9 minutes on an H100 through
+# per-step time limits. Results: $OUT/results.jsonl (every measurement, one JSON line each),
+# $OUT/log.txt, $OUT/pytest.txt; docs/performance.md's GPU tables come from results.jsonl
+# (python benchmarks/perf_report.py --gpu $OUT/results.jsonl).
 #
-#   bash benchmarks/perf_gpu.sh            # results under $OUT (default benchmarks/runs/gpu)
-#   LAYERS=16 E2E_T8=1 bash benchmarks/perf_gpu.sh   # bigger end-to-end run, with T = 8
+#   OUT=benchmarks/runs/gpu bash benchmarks/perf_gpu.sh
+#   OLD=/path/to/older/checkout bash benchmarks/perf_gpu.sh   # also its kernel, side by side
 #
-# 1. kernel: every distinct Llama-3-8B shape at T = 3 and T = 8, ace vs the straightforward
-#    formulation on cuda (time, peak torch.cuda.max_memory_allocated, speedup, rel. diff);
-# 2. the out-of-memory fallback on a real GPU (a tensor forced to the CPU gives the same answer);
-# 3. end to end through mergekit-yaml on synthetic checkpoints ($LAYERS layers, hidden 2048):
-#    ace vs task_arithmetic with --cuda (wall-time ratio,
-#    peak GPU memory polled from nvidia-smi, peak RSS), then --cuda --read-to-gpu,
-#    --cuda --multi-gpu and --cuda --low-cpu-memory;
-# and writes everything to $OUT/*.jsonl plus a summary in $OUT/summary.txt.
+# 1. tests/test_gpu.py (the CUDA tests, among them the accuracy guard of the tensor-core path)
+# 2. accuracy against the float64 reference, q_proj and k_proj shapes
+# 3. the kernel per Llama-3-8B shape: T = 3 (three matmul precisions) and 8, both branches;
+#    the older kernel beside it when $OLD is set; eigh float32 / float64
+# 4. mergekit-yaml --cuda end to end, Llama-3-8B-shaped synthetic checkpoints: task_arithmetic
+#    and ace interleaved, 4 layers (then 16), wall time and peak GPU memory (nvidia-smi)
+# 5. ace with the process capped at 16 GiB of GPU memory and oom_fallback: error
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/runs/gpu}"
 mkdir -p "$OUT"
-[ -d .venv ] && . .venv/bin/activate
-export MALLOC_MMAP_THRESHOLD_=1048576  # freed host buffers go back to the OS (RSS is honest)
-LAYERS="${LAYERS:-4}"
+R="$OUT/results.jsonl"
+L="$OUT/log.txt"
+PY="${PY:-python3}"
+export PYTHONUNBUFFERED=1
+CACHE=benchmarks/cache/e2e
+step() { echo "== $(date +%T) $*" | tee -a "$L"; }
 
 {
-  date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-} > "$OUT/summary.txt" 2>&1
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "CUDA not available: nothing measured." | tee -a "$OUT/summary.txt"
-  exit 1
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "from mergekit.merge_methods import registry; print('ace registered:', registry.get('ace') is not None)"
+} >> "$L" 2>&1
+
+step "pytest tests/test_gpu.py"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest.txt" 2>&1
+echo "pytest rc=$?" | tee -a "$L"
+
+step "accuracy"
+timeout 60 $PY benchmarks/perf_gpu.py accuracy --shapes q_proj k_proj \
+  --precisions auto float32 tf32 --out "$R" >> "$L" 2>&1
+[ -n "${OLD:-}" ] && timeout 30 env PYTHONPATH="$OLD" $PY benchmarks/perf_gpu.py accuracy \
+  --shapes q_proj k_proj --precisions default --label old --out "$R" >> "$L" 2>&1
+
+step "kernel"
+timeout 150 $PY benchmarks/perf_gpu.py kernel --T 3 8 --precisions auto float32 tf32 \
+  --out "$R" >> "$L" 2>&1
+echo "kernel rc=$?" >> "$L"
+if [ -n "${OLD:-}" ]; then
+  step "kernel (older checkout)"
+  timeout 90 env PYTHONPATH="$OLD" $PY benchmarks/perf_gpu.py kernel --T 3 --precisions default \
+    --label old --out "$R" >> "$L" 2>&1
+  echo "kernel old rc=$?" >> "$L"
 fi
+timeout 30 $PY benchmarks/perf_gpu.py eigh --out "$R" >> "$L" 2>&1
 
-echo "== kernel (cuda)" | tee -a "$OUT/summary.txt"
-timeout 240 python benchmarks/perf_kernel.py --suite full-cuda --device cuda --timeout 90 \
-  --out "$OUT/kernel_cuda.jsonl" > "$OUT/kernel_cuda.log" 2>&1
-echo "kernel rc=$?" >> "$OUT/summary.txt"
-
-echo "== oom fallback (cuda)" | tee -a "$OUT/summary.txt"
-timeout 60 python - >> "$OUT/summary.txt" 2>&1 <<'EOF'
-import time, torch
-from benchmarks.perf_kernel import make_inputs
-from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost, cuda_free_bytes
-base, experts = make_inputs((4096, 14336), 3, device="cuda")
-print("free", cuda_free_bytes(base.device), "estimate", estimate_ace_cost((4096, 14336), 3)["bytes"])
-t = time.perf_counter(); a, da = ace_merge(base, experts, out_dtype=torch.float32); torch.cuda.synchronize()
-print("on gpu", da.device, round(time.perf_counter() - t, 2), "s")
-t = time.perf_counter(); b, db = ace_merge(base, experts, out_dtype=torch.float32, free_device_bytes=2**30,
-                                           tensor_name="down_proj"); torch.cuda.synchronize()
-print("forced fallback", db.device, b.device, round(time.perf_counter() - t, 2), "s")
-print("rel diff gpu vs cpu-fallback", float((a - b).norm() / (a - base.float()).norm()))
-EOF
-
-for T in 3 ${E2E_T8:+8}; do
-  echo "== e2e --cuda, T=$T, $LAYERS layers" | tee -a "$OUT/summary.txt"
-  timeout 150 python benchmarks/perf_e2e.py --preset small --layers "$LAYERS" --experts "$T" --keep \
-    --flags="--cuda" --out "$OUT/e2e_cuda.jsonl" > "$OUT/e2e_cuda_T$T.log" 2>&1
-  echo "e2e T=$T rc=$?" >> "$OUT/summary.txt"
+for LAYERS in 4 ${LAYERS_BIG:-16}; do
+  step "e2e --cuda, $LAYERS layers, T=3"
+  timeout 240 $PY benchmarks/perf_e2e.py --preset llama3-8b --layers "$LAYERS" --experts 3 --keep \
+    --gen-device cuda --flags="--cuda" --out "$R" >> "$L" 2>&1
+  echo "e2e rc=$?" >> "$L"
+  if [ "$LAYERS" = 4 ]; then
+    step "ace capped at 16 GiB, oom_fallback: error"
+    root="$CACHE/llama3-8b-L4"
+    { echo "merge_method: ace"; echo "base_model: $root/base"; echo "dtype: bfloat16"
+      echo "parameters: {oom_fallback: error}"; echo "models:"
+      for t in 0 1 2; do echo "  - model: $root/expert$t"; done; } > "$OUT/capped.yml"
+    timeout 120 $PY benchmarks/perf_gpu.py capped --cap-gib 16 --out "$R" \
+      --mergekit-args "$OUT/capped.yml /tmp/capped-out --cuda --no-copy-tokenizer --quiet" \
+      >> "$L" 2>&1
+    echo "capped rc=$?" >> "$L"
+    rm -rf /tmp/capped-out
+  fi
+  rm -rf "$CACHE"
 done
-echo "== e2e flags (T=3)" | tee -a "$OUT/summary.txt"
-timeout 120 python benchmarks/perf_e2e.py --preset small --layers "$LAYERS" --experts 3 \
-  --flags="--cuda --read-to-gpu;--cuda --multi-gpu;--cuda --low-cpu-memory" \
-  --out "$OUT/e2e_cuda_flags.jsonl" > "$OUT/e2e_cuda_flags.log" 2>&1
-echo "e2e flags rc=$?" >> "$OUT/summary.txt"
-rm -rf benchmarks/cache/e2e
-
-python - >> "$OUT/summary.txt" 2>&1 <<EOF
-import json
-for name in ["kernel_cuda", "e2e_cuda", "e2e_cuda_flags"]:
-    try:
-        lines = [json.loads(l) for l in open("$OUT/" + name + ".jsonl")]
-    except FileNotFoundError:
-        print(name, "missing"); continue
-    for r in lines:
-        print(name, json.dumps(r))
-EOF
-cat "$OUT/summary.txt"
+step "done"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import mergekit_ace.kernels.ace_phases as phases
 from mergekit_ace.kernels.ace import ace_merge
 from tests.reference import reference_ace, rel_err
 from tests.test_kernel_ace import make_experts
@@ -27,6 +28,46 @@ def test_kernel_on_cuda_matches_float64_reference(kwargs):
     ref, branch = reference_ace(base, experts, **kwargs)
     assert diag.branch == branch
     assert rel_err(out.cpu() - base, ref - base.double()) < 1e-3
+
+
+TF32_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@pytest.mark.parametrize("gate", ["auto", "off"])
+@pytest.mark.parametrize("shape", [(512, 384), (160, 512), (1200, 256)])
+def test_tensor_core_products_keep_float32_accuracy(shape, gate):
+    """The accuracy guard of ``matmul_precision: auto``: against the float64 reference, three
+    TF32 products per product lose no more than round-off beside plain float32; one TF32
+    product (the opt-in ``tf32``) does lose accuracy."""
+    g = torch.Generator().manual_seed(7)
+    m, n = shape
+    base = torch.randn(m, n, generator=g)
+    experts = [base + s * (torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
+                           + 0.3 * torch.randn(m, n, generator=g)) for s in (0.002, 0.02, 0.006)]
+    ref, branch = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
+    errors = {}
+    for precision in ("float32", "auto", "tf32"):
+        out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], gate=gate,
+                              matmul_precision=precision)
+        assert diag.branch == branch
+        errors[precision] = rel_err(out.cpu() - base, ref - base.double())
+        if precision == "auto":
+            assert diag.matmul == ("tf32x3" if TF32_GPU else "float32")
+    assert errors["float32"] < 1e-4
+    assert errors["auto"] < max(3 * errors["float32"], 1e-5), errors
+    if TF32_GPU:
+        assert errors["tf32"] > errors["auto"], errors
+
+
+@pytest.mark.parametrize("gate", ["on", "off"])
+def test_streaming_plan_on_cuda_matches_reference(gate, monkeypatch):
+    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
+    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 64 * 48 * 4)
+    monkeypatch.setattr(phases, "BLOCK_BYTES", 64 * 48 * 4)
+    base, experts = make_experts((300, 48), (0.01, 1.0, 0.1))
+    out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], gate=gate)
+    ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
+    assert rel_err(out.cpu() - base, ref - base.double()) < 2e-4
 
 
 def test_mergekit_yaml_cuda_matches_cpu_kernel(tiny_family, tmp_path):
