@@ -321,7 +321,7 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
 
     if plan.k:
         # The system's storage is handed over, so refinement can free it after factoring.
-        W, info, diag.sigma_iso, diag.spectral = refine_phase(
+        W, info, diag.sigma_iso, diag.spectral, diag.k = refine_phase(
             src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre
         )
     else:
