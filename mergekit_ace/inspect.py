@@ -59,6 +59,7 @@ class TensorRow:
     parameters: Dict[str, Any]
     branch: str
     energies: Optional[List[float]] = None
+    noise: Optional[List[int]] = None  # experts (report columns) whose task vector is storage noise
     gamma: Optional[float] = None
     log_spread: Optional[float] = None
     k: Optional[int] = None
@@ -385,6 +386,7 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
         row.energies = [None] * len(all_experts)
         for model, energy in zip(experts, diag.energies):
             row.energies[all_experts.index(model)] = energy
+    row.noise = [all_experts.index(experts[i]) for i in diag.noise]
     row.gamma, row.log_spread = diag.gamma, diag.log_spread
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
@@ -510,7 +512,7 @@ def _full_rows(planned: _Planned, device: str, flop_rate: float, quiet: bool) ->
 # ----------------------------------------------------------------------------- output
 
 
-CSV_FIELDS = ["name", "layer", "module", "shape", "dtype", "branch", "gamma", "log_spread", "tau",
+CSV_FIELDS = ["name", "layer", "module", "shape", "dtype", "branch", "noise", "gamma", "log_spread", "tau",
               "gate", "gate_statistic", "eps", "k_frac", "k", "sigma_iso", "solver", "spectral", "rcond",
               "condition", "ridge", "concentration_pre", "concentration_post", "flops",
               "est_seconds", "kernel_seconds", "kernel_device", "workspace_bytes", "peak_bytes"]
@@ -523,12 +525,13 @@ def csv_records(report: InspectReport) -> Tuple[List[str], List[dict]]:
     for row in report.rows:
         rec = {k: getattr(row, k) for k in CSV_FIELDS if hasattr(row, k)}
         rec["shape"] = "x".join(map(str, row.shape))
+        rec["noise"] = ";".join(report.experts[i] for i in row.noise or [])
         for key in PARAMETER_COLUMNS:
             rec[key] = row.parameters.get(key)
         for col, value in zip(energy_cols, row.energies or [None] * len(energy_cols)):
             rec[col] = value
         records.append({k: ("" if v is None else v) for k, v in rec.items()})
-    return CSV_FIELDS[:8] + energy_cols + CSV_FIELDS[8:], records
+    return CSV_FIELDS[:9] + energy_cols + CSV_FIELDS[9:], records
 
 
 def write_report(report: InspectReport, out_dir: str, plots: bool = True) -> Dict[str, str]:
@@ -599,6 +602,13 @@ def summary_text(report: InspectReport) -> str:
     parts = [f"{counts[b]} {b if b != UNDECIDED else 'decided at merge time (gate: auto)'}"
              for b in order + sorted(set(counts) - set(order)) if b in counts]
     lines.append("  branches:  " + ", ".join(parts))
+    noisy: Dict[str, int] = {}
+    for row in report.rows:
+        for i in row.noise or []:
+            noisy[report.experts[i]] = noisy.get(report.experts[i], 0) + 1
+    if noisy:
+        lines.append("  storage-noise experts (left out unless drop_noise: false): "
+                     + ", ".join(f"{label} in {count} tensors" for label, count in noisy.items()))
     by_module: Dict[str, List[TensorRow]] = {}
     for row in report.rows:
         if row.gate_value is not None:

@@ -96,6 +96,45 @@ def test_methods_run_through_mergekit_in_process():
         assert torch.allclose(out, expected, rtol=0, atol=1e-6), method
 
 
+@pytest.mark.parametrize("method", ["ace", *METHODS])
+def test_drop_noise_is_a_parameter_of_every_method(method):
+    """A third expert equal to the base stored in bf16: left out by default, kept with
+    ``drop_noise: false``; the kernel receives the setting."""
+    group = _group()
+    base, a, b = group.tensors
+    noisy = TensorGroup.from_tensors(
+        [base, a, b, base.to(torch.bfloat16)], ids=["base", "a", "b", "c"], base_index=0,
+        name=group.metadata.name,
+    )
+    seen = []
+    merge = our_method(method)
+    merge.on_diagnostics = seen.append
+    (default,) = merge([noisy], parameters={})
+    (without,) = merge([group], parameters={})
+    (kept,) = merge([noisy], parameters={"drop_noise": False})
+    assert torch.equal(default, without) and not torch.equal(kept, without)
+    assert [d.noise for d in seen] == [[2], [], [2]]
+    assert [d.participants for d in seen] == [[0, 1], [0, 1], [0, 1, 2]]
+    with pytest.raises(ValueError, match="parameter `drop_noise`"):
+        merge([noisy], parameters={"drop_noise": "sometimes"})
+
+
+def test_actmat_rtol_reaches_the_kernel():
+    group = _group()
+    base, a, b = group.tensors
+    seen = []
+    merge = our_method("actmat")
+    merge.on_diagnostics = seen.append
+    (out,) = merge([group], parameters={"rtol": 0.5})
+    expected, _ = actmat_merge(base, [a, b], rtol=0.5)
+    assert torch.equal(out, expected) and seen[0].rtol == 0.5
+    merge([group], parameters={"rtol": "auto"})
+    assert seen[1].rtol == 12 * torch.finfo(torch.float32).eps  # max(T m, n) = max(2 * 6, 4)
+    for bad in (-0.1, 2.0, "small"):
+        with pytest.raises(ValueError, match="parameter `rtol`"):
+            merge([group], parameters={"rtol": bad})
+
+
 def _yaml(kwargs):
     return {("lambda" if k == "lam" else k): v for k, v in kwargs.items()}
 

@@ -172,6 +172,30 @@ def test_default_gate_is_log_spread_in_report_and_summary(tiny_family, tmp_path)
     assert "gate statistic by module type" in text and "log_spread" in text
 
 
+def test_storage_noise_expert_is_reported(tiny_family, tmp_path):
+    """An expert that is the base saved as bf16: every tensor's row names it, the CSV has it,
+    the summary says it was left out."""
+    from mergekit_ace.inspect import csv_records, inspect_config, summary_text
+    from tests.tiny_models import TINY, save_model
+
+    base = load_file(tiny_family["base"] / "model.safetensors")
+    save_model(tmp_path / "base_as_bf16", {k: v.to(torch.bfloat16).float() for k, v in base.items()}, TINY)
+    paths = dict(tiny_family, base_as_bf16=tmp_path / "base_as_bf16")
+    config = {"merge_method": "ace", "base_model": str(paths["base"]), "dtype": "float32",
+              "models": model_list(paths, EXPERTS + ["base_as_bf16"])}
+    report = inspect_config(str(write_config(tmp_path / "ace.yml", config)), quiet=True,
+                            flop_rate=FLOP_RATE)
+    assert report.experts[3] == "base_as_bf16"
+    # the norms' weights are all 1.0, which bf16 holds exactly: that task vector is zero
+    noisy = [row for row in report.rows if not torch.equal(base[row.name], base[row.name].bfloat16().float())]
+    assert len(noisy) == sum(len(row.shape) == 2 for row in report.rows)
+    assert all(row.noise == [3] for row in noisy)
+    assert all(row.noise == [] for row in report.rows if row not in noisy)
+    fields, records = csv_records(report)
+    assert "noise" in fields and {r["noise"] for r in records} == {"base_as_bf16", ""}
+    assert f"base_as_bf16 in {len(noisy)} tensors" in summary_text(report)
+
+
 def test_plots_are_real_pngs(inspected):
     from matplotlib.image import imread
 

@@ -113,3 +113,52 @@ def test_bf16_inputs_compute_in_float32_and_return_bf16():
     assert out.dtype == torch.bfloat16
     ref = reference_actmat(base.bfloat16(), [e.bfloat16() for e in experts])
     assert torch.allclose(out.double(), ref, rtol=2**-8, atol=1e-6)  # bf16 rounding only
+
+
+def _tiny_model_experts(shape, seed):
+    """Task vectors like the tiny test Llamas': rank 2 plus 20 % noise, scales 0.002 / 0.03 /
+    0.01: the small expert's noise directions sit near the eigenvalue cutoff."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    base = 0.02 * torch.randn(m, n, generator=g)
+    experts = []
+    for scale in (0.002, 0.03, 0.01):
+        low = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)
+        experts.append(base + scale * (low + 0.2 * torch.randn(m, n, generator=g)))
+    return base, experts
+
+
+@pytest.mark.parametrize("shape,seed", [((32, 64), 7), ((32, 64), 9), ((32, 128), 7), ((64, 32), 3)])
+def test_float32_and_float64_agree(shape, seed):
+    """The cutoff belongs to the method (``rtol``), not to the compute dtype: the same
+    directions are kept in both, and the merges agree (they differed by up to 70 % when the
+    cutoff came from each dtype's machine epsilon)."""
+    base, experts = _tiny_model_experts(shape, seed)
+    out32, d32 = actmat_merge(base, experts)
+    out64, d64 = actmat_merge(base.double(), [e.double() for e in experts])
+    assert d32.rank == d64.rank and d32.rtol == d64.rtol
+    assert d32.rtol == max(3 * shape[0], shape[1]) * torch.finfo(torch.float32).eps
+    assert rel_err(out32.double() - base.double(), out64 - base.double()) < 1e-3
+
+
+def test_rtol_is_the_eigenvalue_cutoff():
+    """``rtol`` keeps exactly the eigen-directions of the Gram above ``rtol * lambda_max``
+    (checked against the Gram's eigenvalues), and ``rtol: 0`` in float64 is the exact
+    pseudo-inverse."""
+    base, experts = _tiny_model_experts((32, 64), 7)
+    base, experts = base.double(), [e.double() for e in experts]
+    gram = sum((e - base).T @ (e - base) for e in experts)
+    evals = torch.linalg.eigvalsh(gram)
+    for rtol in (1e-2, 1e-4, 1e-6):
+        _, diag = actmat_merge(base, experts, rtol=rtol)
+        assert diag.rtol == rtol and diag.rank == int((evals > rtol * evals.max()).sum())
+    out, diag = actmat_merge(base, experts, rtol=0.0)
+    assert diag.rank == 64
+    assert rel_err(out - base, reference_actmat(base, experts) - base) < 1e-8
+
+
+@pytest.mark.parametrize("rtol", [-1e-3, 1.0, float("nan"), "tiny"])
+def test_bad_rtol_is_refused(rtol):
+    base, experts = make_experts((8, 6), 2)
+    with pytest.raises(ValueError, match="rtol"):
+        actmat_merge(base, experts, rtol=rtol)

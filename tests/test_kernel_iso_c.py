@@ -73,3 +73,20 @@ def test_per_model_weights_are_refused():
     base, experts = make_experts((8, 6), 2)
     with pytest.raises(MergeInputError, match="weight"):
         iso_c_merge(base, experts, weights=[1.0, 1.0])
+
+
+def test_float32_and_float64_keep_the_same_directions():
+    """A singular value of 1e-6 s_max is round-off in float32 but resolved in float64. The
+    numerical-rank cutoff uses float32's epsilon in every dtype, so both drop it and agree
+    (with each dtype's own epsilon, float64 gave that direction the weight s_bar: 12.5 %)."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    s = torch.linspace(1.0, 0.5, 64, dtype=torch.float64)
+    s[-1] = 1e-6
+    base = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    expert = base + 0.01 * (U * s) @ V.T
+    out32, d32 = iso_c_merge(base.float(), [expert.float()])
+    out64, d64 = iso_c_merge(base, [expert])
+    assert d32.rank == d64.rank == 63
+    assert rel_err(out32.double() - base.float().double(), out64 - base) < 1e-3

@@ -213,3 +213,25 @@ def test_library_errors_name_the_tensor(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", failing_svd)
     with pytest.raises(RuntimeError, match=r"ace failed on tensor 'model\.layers\.3\.mlp\.up_proj\.weight'.*converge"):
         our_method("ace")([group], parameters={"gate": "on"})
+
+
+def test_base_resaved_in_bf16_is_left_out_with_a_warning(tiny_family, tmp_path):
+    """An "expert" that is the float32 base saved as bfloat16 (written back as float32, so
+    only its values say bf16) changes nothing, and the log names it."""
+    from tests.tiny_models import TINY, save_model
+
+    base = load_state(tiny_family["base"])
+    noise_path = tmp_path / "base_as_bf16"
+    save_model(noise_path, {k: v.to(torch.bfloat16).float() for k, v in base.items()}, TINY)
+    paths = dict(tiny_family, base_as_bf16=noise_path)
+    cfg = write_config(tmp_path / "ace.yml", {
+        "merge_method": "ace",
+        "base_model": str(paths["base"]),
+        "dtype": "float32",
+        "models": model_list(paths, EXPERTS + ["base_as_bf16"]),
+    })
+    out = tmp_path / "out"
+    result = mergekit_yaml(cfg, out)
+    expected, _ = kernel_merge(paths, EXPERTS)
+    assert_matches(load_state(out), expected, atol=1e-6)
+    assert "base_as_bf16" in result.stderr and "storage noise" in result.stderr

@@ -29,6 +29,8 @@ from mergekit_ace.kernels.ace_phases import (
 from mergekit_ace.kernels.common import (
     finish,
     finish_rows,
+    frobenius,
+    is_storage_noise,
     prepare,
     task_vectors,
     weighted_mean_delta,
@@ -63,7 +65,8 @@ class AceDiagnostics:
     ``branch`` is ``"heterogeneous"`` or ``"homogeneous"`` for 2-D tensors, ``"mean"`` for
     tensors merged by averaging (not 2-D), ``"unchanged"`` when no expert changed the tensor.
     ``energies`` lists ``||tau_t||_F^2`` for every expert in input order; ``participants`` the
-    indices of those that entered the merge (positive weight, non-zero task vector).
+    indices of those that entered the merge (positive weight, non-zero task vector); ``noise``
+    those whose task vector is storage noise (left out unless ``drop_noise=False``).
     ``gamma`` is the paper's statistic and ``log_spread`` the unit-free one, whichever gated.
     ``rcond`` is the solver's reciprocal pivot-growth estimate (small: ill-conditioned).
     ``matmul``: the precision the large products ran in (``float32``, ``tf32x3``, ``tf32``).
@@ -93,6 +96,7 @@ class AceDiagnostics:
     concentration_post: Optional[float] = None
     singular_values_pre: Optional[List[float]] = field(default=None, repr=False)
     singular_values_post: Optional[List[float]] = field(default=None, repr=False)
+    noise: List[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +177,7 @@ def ace_merge(
     oom_fallback: str = "cpu",
     free_device_bytes: Optional[int] = None,
     matmul_precision: str = "auto",
+    drop_noise: bool = True,
 ) -> tuple[torch.Tensor, AceDiagnostics]:
     """Merge one tensor with ACE; returns ``(W0 + lam * W, diagnostics)``.
 
@@ -200,6 +205,10 @@ def ace_merge(
     picks how the large float32 products run on a GPU: ``auto`` uses tensor cores through
     three TF32 products per product (float32 accuracy), ``tf32`` one (faster, ~1e-3 relative
     error), ``float32`` none. CPUs and float64 always compute in plain float32/float64.
+
+    ``drop_noise`` (default True) leaves out experts whose task vector is storage noise
+    (:func:`~mergekit_ace.kernels.common.storage_noise`): under trace normalization such an
+    expert would get the same vote as a real one.
     """
     call = dict(locals())  # this call's arguments, for the CPU fallback's re-call
     validate_ace_parameters(
@@ -230,11 +239,12 @@ def ace_merge(
             out, diag = ace_merge(**call)
             diag.device = "cpu (fallback)"
             return _return_to(out, base.device), diag
+    where = {"drop_noise": drop_noise, "tensor_name": tensor_name, "expert_names": expert_names}
     if base.dim() != 2:
-        tv = task_vectors(base, experts, w_all, dtype)
-        scan = _Scan(tv.indices, tv.weights, tv.energies, tv.all_energies, [])
+        tv = task_vectors(base, experts, w_all, dtype, **where)
+        scan = _Scan(tv.indices, tv.weights, tv.energies, tv.all_energies, [], tv.noise)
     else:
-        scan = _scan_experts(base, experts, w_all, dtype)
+        scan = _scan_experts(base, experts, w_all, dtype, **where)
     diag = AceDiagnostics(
         tensor=tensor_name,
         shape=tuple(base.shape),
@@ -243,6 +253,7 @@ def ace_merge(
         participants=scan.indices,
         weights=scan.weights,
         gate_statistic=gate_statistic,
+        noise=scan.noise,
     )
     if not scan.indices:
         return base.to(out_dtype), diag
@@ -263,29 +274,36 @@ def ace_merge(
     src = TaskVectorRows(base, [experts[i] for i in scan.indices], dtype, scan.means)
     W = _merge_2d(src, scan, plan, heterogeneous=heterogeneous, eps=eps, prior=prior,
                   diag=diag, spectra=spectra, like=scan.means[0])
-    return finish_rows(base, W, lam, out_dtype, tensor_name, plan.blocks), diag
+    remedy = "raise `eps` for this tensor (it regularizes the system) or compute in float64 " \
+        "(`dtype: float64`)"
+    return finish_rows(base, W, lam, out_dtype, tensor_name, plan.blocks, remedy), diag
 
 
 @dataclass
 class _Scan:
     """Who takes part in a tensor's merge: ``indices`` into the experts, their weights
     (renormalized to mean one), energies ``||tau_t||_F^2`` (float64) and column means
-    ``mu_t`` (eq. 5); ``all_energies`` for every expert."""
+    ``mu_t`` (eq. 5); ``all_energies`` for every expert; ``noise`` the experts whose task
+    vector is storage noise."""
 
     indices: List[int]
     weights: List[float]
     energies: List[float]
     all_energies: List[float]
     means: List[torch.Tensor]
+    noise: List[int] = field(default_factory=list)
 
 
-def _scan_experts(base, experts, weights, dtype) -> _Scan:
+def _scan_experts(base, experts, weights, dtype, *, drop_noise, tensor_name, expert_names) -> _Scan:
     """One pass over each expert, a block of rows at a time (no ``[m, n]`` temporary): its
     energy and column mean. Experts whose weight is 0 or that left the tensor unchanged do
-    not take part (spec decision: a zero task vector must not join the system)."""
+    not take part (spec decision: a zero task vector must not join the system), nor, with
+    ``drop_noise``, those whose task vector is storage noise (checked, also by blocks, only
+    for task vectors small enough to be)."""
     m, n = base.shape
     step = max(1, min(m, (64 * 2**20) // (n * torch.finfo(dtype).bits // 8)))
-    indices, energies, all_energies, kept, means = [], [], [], [], []
+    base_norm = None
+    indices, energies, all_energies, kept, means, noise = [], [], [], [], [], []
     for i, expert in enumerate(experts):
         energy = 0.0
         col = torch.zeros(n, dtype=torch.float64, device=base.device)
@@ -297,13 +315,20 @@ def _scan_experts(base, experts, weights, dtype) -> _Scan:
         all_energies.append(energy)
         if energy == 0.0 or weights[i] == 0.0:
             continue
+        base_norm = frobenius(base, step) if base_norm is None else base_norm
+        if is_storage_noise(base, expert, energy, base_norm, dtype, index=i, step=step,
+                            drop_noise=drop_noise, tensor_name=tensor_name,
+                            expert_names=expert_names):
+            noise.append(i)
+            if drop_noise:
+                continue
         indices.append(i)
         energies.append(energy)
         kept.append(weights[i])
         means.append((col / m).to(dtype))
     total = sum(kept)
     kept = [len(kept) * w / total for w in kept] if kept else []
-    return _Scan(indices, kept, energies, all_energies, means)
+    return _Scan(indices, kept, energies, all_energies, means, noise)
 
 
 def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like) -> torch.Tensor:
@@ -321,7 +346,7 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
 
     if plan.k:
         # The system's storage is handed over, so refinement can free it after factoring.
-        W, info, diag.sigma_iso, diag.spectral = refine_phase(
+        W, info, diag.sigma_iso, diag.spectral, diag.k = refine_phase(
             src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre
         )
     else:

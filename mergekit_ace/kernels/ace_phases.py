@@ -31,6 +31,7 @@ from mergekit_ace.kernels.linalg import (
     gram as gram_of,
     isotropic_projector,
     short_side_gram,
+    top_singular_triplets,
 )
 
 LOG_FLOOR = 1e-12
@@ -317,10 +318,11 @@ def refine(
     plan: WorkspacePlan,
     *,
     spectra_pre: Optional[Callable[[torch.Tensor], None]] = None,
-) -> Tuple[torch.Tensor, SolveInfo, float, str]:
+) -> Tuple[torch.Tensor, SolveInfo, Optional[float], str, int]:
     """Phases 2 and 3 of the heterogeneous branch (eq. 14-19). Returns ``W`` (stored in
-    ``acc.N``), the solver's report, ``sigma_iso`` and how the top ``k`` directions were
-    found (``"gram-eigh"`` or ``"svd"``). ``spectra_pre(W_pre)`` is called on the preliminary
+    ``acc.N``), the solver's report, ``sigma_iso``, how the top ``k`` directions were
+    found (``"gram-eigh"`` or ``"svd"``) and how many were boosted (fewer than ``plan.k``
+    when ``F`` has lower numerical rank). ``spectra_pre(W_pre)`` is called on the preliminary
     solution when given (``plan.keep_f`` only)."""
     N = acc.N
     residual = ResidualRows(src, weights, acc, B, plan.matmul)
@@ -335,8 +337,8 @@ def refine(
         F.add_(N)
         if spectra_pre is not None:
             spectra_pre(N)
-        sigma, spectral = _isotropic_update_(N, F, plan)
-        return N, solver.info, sigma, spectral
+        sigma, spectral, k = _isotropic_update_(N, F, plan)
+        return N, solver.info, sigma, spectral, k
 
     # Streaming: F re-formed block by block, for its Gram and again for the update.
     solver = RightSolver.factor(B, c)
@@ -356,28 +358,38 @@ def refine(
         F = torch.empty_like(N)
         for start, stop in plan.blocks:
             N[start:stop], F[start:stop] = f_rows(start, stop)
-        sigma, spectral = _isotropic_update_(N, F, plan)
-        return N, solver.info, sigma, spectral
+        sigma, spectral, k = _isotropic_update_(N, F, plan)
+        return N, solver.info, sigma, spectral, k
     P, sigma = top
     P = P.to(N.dtype)
     for start, stop in plan.blocks:
         W_rows, F_rows = f_rows(start, stop)
         N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
         del W_rows, F_rows
-    return N, solver.info, sigma, "gram-eigh"
+    return N, solver.info, sigma, "gram-eigh", plan.k
 
 
-def _isotropic_update_(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan) -> Tuple[float, str]:
+def _isotropic_update_(
+    W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan
+) -> Tuple[Optional[float], str, int]:
     """``W += sigma_iso U_k V_k^T`` (eq. 17-19) in place, with ``F`` consumed:
     ``U_k V_k^T = F P`` (tall) or ``P F`` (wide) from the Gram's projector, or a thin SVD of
-    ``F`` where that declines. Returns ``(sigma_iso, how)``."""
+    ``F`` where that declines. Returns ``(sigma_iso, how, directions boosted)``.
+
+    In the SVD, numerically zero directions of ``F`` (low-rank experts) are not boosted: their
+    singular vectors are arbitrary and would write noise of size ``sigma_iso``. ``F`` comes out
+    of a solve, whose float32 round-off sits above a single matrix's, so the cut-off is
+    measured against ``||F||_F`` rather than its largest singular value."""
     top = isotropic_projector(short_side_gram(F), plan.k)
     if top is None:
-        U, s, Vh = torch.linalg.svd(F, full_matrices=False)
+        scale = float(torch.linalg.vector_norm(F, dtype=torch.float64))
+        U, s, Vh = top_singular_triplets(F, plan.k, scale=scale)
         del F
-        sigma = float(s[: plan.k].mean())
-        W.addmm_(U[:, : plan.k], Vh[: plan.k], alpha=sigma)
-        return sigma, "svd"
+        if not s.numel():
+            return None, "svd", 0
+        sigma = float(s.mean())
+        W.addmm_(U, Vh, alpha=sigma)
+        return sigma, "svd", int(s.numel())
     P, sigma = top
     P = P.to(W.dtype)
     if plan.m >= plan.n:
@@ -385,4 +397,4 @@ def _isotropic_update_(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan) ->
             addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
     else:
         addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
-    return sigma, "gram-eigh"
+    return sigma, "gram-eigh", plan.k

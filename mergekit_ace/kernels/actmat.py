@@ -23,12 +23,13 @@ Two equivalent forms, the smaller one runs (``ActMatDiagnostics.form``):
   a ``[T m, T m]`` pseudo-inverse (the spec's "Cost" paragraph, with weights).
 
 The pseudo-inverse is never formed: the symmetric PSD Gram is diagonalized (``eigh``) and
-eigenvalues at or below ``rtol * lambda_max`` with ``rtol = max(T m, n) * eps(dtype)`` are
-treated as zero (the ``torch.linalg.pinv`` / ``numpy.linalg.matrix_rank`` convention, with the
-same cutoff in both forms so they agree). Since the Gram's eigenvalues are squared singular
-values of ``D~``, directions whose singular value is below ``sqrt(rtol) * sigma_max`` (about
-``2e-2 sigma_max`` for a 4096-wide float32 layer, ``2e-6`` in float64) count as outside the
-span; compute in float64 (``dtype: float64``) to keep more of them.
+eigenvalues at or below ``rtol * lambda_max`` are treated as zero (the same cutoff in both
+forms, so they agree). ``rtol`` is a parameter of the method, not of the precision: the default
+``"auto"`` is ``max(T m, n) * 2^-23``, ``torch.linalg.pinv``'s default tolerance for a float32
+Gram, in float64 too, so ``dtype: float64`` computes the same merge as float32 (to rounding).
+Since the Gram's eigenvalues are squared singular values of ``D~``, directions whose singular
+value is below ``sqrt(rtol) * sigma_max`` (about ``2e-2 sigma_max`` for a 4096-wide layer)
+count as outside the span.
 
 Accuracy: with ``A = sum_t w_t G_t``, ``sum_t w_t G_t A^+ = A A^+`` is the projector ``Pi``
 onto the kept row space, so with ``mean`` the weighted mean task vector, ``D* = mean Pi + (sum_t w_t (D_t - mean) G_t)
@@ -41,21 +42,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from mergekit_ace.kernels.common import TaskVectors, weighted_mean_delta
 from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
-from mergekit_ace.kernels.linalg import psd_range
+from mergekit_ace.kernels.linalg import RANK_EPS, psd_range
 
-FORMS = ("inputs", "tasks")
+DEFAULT_RTOL = "auto"
 
 
 @dataclass
 class ActMatDiagnostics(DataFreeDiagnostics):
     """``form``: ``"inputs"`` (``[n, n]`` Gram) or ``"tasks"`` (``[T m, T m]`` Gram);
-    ``rtol``: the relative eigenvalue cutoff; ``rank``: eigen-directions kept."""
+    ``rtol``: the relative eigenvalue cutoff in force; ``rank``: eigen-directions kept."""
 
     form: Optional[str] = None
     rtol: Optional[float] = None
@@ -66,46 +67,71 @@ def actmat_merge(
     experts: Sequence[torch.Tensor],
     *,
     weights: Optional[Sequence[float]] = None,
+    rtol: Union[float, str] = DEFAULT_RTOL,
     **options: Any,
 ) -> tuple[torch.Tensor, ActMatDiagnostics]:
     """Merge one tensor with ACTMat; returns ``(W0 + lam * D*, diagnostics)``.
 
     ``weights`` are per-task objective weights (default all ones, the paper): only their
-    ratios matter, 0 leaves a model out. ``options``: ``lam`` and the rest of
+    ratios matter, 0 leaves a model out. ``rtol``: eigenvalues of the Gram at or below
+    ``rtol * lambda_max`` count as zero; ``"auto"`` (default) is ``max(T m, n) * 2^-23`` in
+    every compute dtype. ``options``: ``lam`` and the rest of
     :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s.
     """
+    validate_rtol(rtol)
+
+    def solve(tv: TaskVectors, diag: ActMatDiagnostics) -> torch.Tensor:
+        return _actmat_2d(tv, diag, rtol)
+
     return merge_tensor(
-        "actmat", base, experts, _actmat_2d, ActMatDiagnostics,
-        weighted=True, weights=weights, **options,
+        "actmat", base, experts, solve, ActMatDiagnostics,
+        weighted=True, weights=weights,
+        remedy="raise `rtol` (more near-zero directions then count as outside the span) or "
+        "compute in float64 (`dtype: float64`)",
+        **options,
     )
 
 
-def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics) -> torch.Tensor:
+def validate_rtol(rtol: Union[float, str]) -> None:
+    if rtol == "auto":
+        return
+    if isinstance(rtol, (str, bool)) or not (0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol must be a number in [0, 1) or 'auto', got {rtol!r}")
+
+
+def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics, rtol: Union[float, str]) -> torch.Tensor:
     m, n = tv.base.shape
     T = len(tv.deltas)
-    diag.rtol = max(T * m, n) * torch.finfo(tv.base.dtype).eps
+    diag.rtol = max(T * m, n) * RANK_EPS if rtol == "auto" else float(rtol)
     # Anchored at the weighted mean task vector: sum_t w_t G_t A^+ = Pi (the projector onto
     # the row space), so D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+. Exact algebra; it
     # keeps the ill-conditioned solve off the part the tasks agree on (one task: D_1 Pi).
-    mean = weighted_mean_delta(tv)
+    # Solved in float64 whatever the compute dtype: the Gram squares the condition number,
+    # so in float32 an eigenvalue near the cutoff (rtol * lambda_max) carries a relative
+    # error of about eps / rtol = 1 / max(T m, n), and its direction's share of D* with it.
+    work = torch.float64
+    mean = weighted_mean_delta(tv).to(work)
     if T * m < n:
         diag.form = "tasks"
         roots = [math.sqrt(w) for w in tv.weights]
-        stacked = torch.cat([r * d for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
+        stacked = torch.cat([r * d.to(work) for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
         lam, P = psd_range(stacked @ stacked.T, diag.rtol)
-        H = torch.cat([r * ((d - mean) @ d.T) for r, d in zip(roots, tv.deltas)], dim=1)
+        H = torch.cat(
+            [r * ((d.to(work) - mean) @ d.to(work).T) for r, d in zip(roots, tv.deltas)], dim=1
+        )
         basis = (stacked.T @ P) / lam.sqrt()  # right singular vectors of the stack
         correction = ((H @ P) / lam) @ (P.T @ stacked)
     else:
         diag.form = "inputs"
-        gram = tv.base.new_zeros(n, n)  # sum_t w_t G_t
-        rhs = tv.base.new_zeros(m, n)  # sum_t w_t (D_t - mean) G_t
+        gram = mean.new_zeros(n, n)  # sum_t w_t G_t
+        rhs = mean.new_zeros(m, n)  # sum_t w_t (D_t - mean) G_t
         for w, d in zip(tv.weights, tv.deltas):
+            d = d.to(work)
             G = d.T @ d
             gram.add_(G, alpha=w)
             rhs.addmm_(d - mean, G, alpha=w)
-            del G
+            del G, d
         lam, basis = psd_range(gram, diag.rtol)
         correction = ((rhs @ basis) / lam) @ basis.T
     diag.rank = int(lam.numel())
-    return correction.addmm_(mean @ basis, basis.T)
+    return correction.addmm_(mean @ basis, basis.T).to(tv.base.dtype)

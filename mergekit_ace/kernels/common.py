@@ -6,10 +6,22 @@ Pure torch; no mergekit import. Kernels take the base tensor and a sequence of e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# A task vector is storage noise when the expert's tensor differs from the base tensor, stored
+# in the expert's own precision, by at most this fraction of that precision's unit round-off
+# (relative to ||W0||_F): see ``storage_noise`` and docs/method.md, "Experts at storage noise".
+NOISE_FRACTION = 2.0**-8
+# Formats coarser than float32 that a checkpoint may have been saved in before being read
+# back (or upcast by mergekit's ``dtype:``), coarsest first.
+_STORAGE_FORMATS = (torch.bfloat16, torch.float16)
 
 
 class MergeInputError(ValueError):
@@ -114,7 +126,9 @@ class TaskVectors:
 
     ``indices`` points back into the caller's expert list; ``weights`` are renormalized to
     mean one over the participants (spec: "Per-model weight"), so equal weights are all ones.
-    ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64.
+    ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64. ``noise``
+    lists the experts (input indices) whose task vector is storage noise
+    (:func:`storage_noise`), whether or not they were left out.
     """
 
     base: torch.Tensor
@@ -123,6 +137,117 @@ class TaskVectors:
     weights: List[float]
     energies: List[float]
     all_energies: List[float]
+    noise: List[int] = field(default_factory=list)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: the largest relative error of rounding to ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def _row_blocks(tensor: torch.Tensor, step: Optional[int]):
+    """``tensor`` a block of ``step`` rows at a time (whole when ``step`` is None or 0-D)."""
+    if step is None or tensor.dim() == 0:
+        yield tensor
+        return
+    for start in range(0, tensor.shape[0], step):
+        yield tensor[start : start + step]
+
+
+def frobenius(tensor: torch.Tensor, step: Optional[int] = None) -> float:
+    """``||tensor||_F`` in float64, a block of ``step`` rows at a time."""
+    return math.sqrt(sum(
+        float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
+        for b in _row_blocks(tensor, step)
+    ))
+
+
+def storage_precision(tensor: torch.Tensor, step: Optional[int] = None) -> torch.dtype:
+    """The coarsest of bfloat16, float16 and ``tensor.dtype`` that holds every value of
+    ``tensor`` exactly: the precision the checkpoint was really saved in, also after a
+    bfloat16 file was read back as float32 (mergekit's ``dtype:`` upcasts every input).
+    ``step``: rows per block (no full-size temporary)."""
+    own = unit_roundoff(tensor.dtype)
+    for fmt in _STORAGE_FORMATS:
+        if unit_roundoff(fmt) > own and all(
+            torch.equal(b.to(fmt).to(b.dtype), b) for b in _row_blocks(tensor, step)
+        ):
+            return fmt
+    return tensor.dtype
+
+
+def storage_noise(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    energy: float,
+    base_norm: float,
+    dtype: torch.dtype,
+    step: Optional[int] = None,
+) -> Optional[torch.dtype]:
+    """The storage precision ``p`` of ``expert`` if its task vector is storage noise, else None.
+
+    Storage noise: the expert's tensor equals the base tensor rounded to ``p`` (what saving
+    the base in the expert's format writes), up to
+    ``||W_t - fl_p(W0)||_F <= NOISE_FRACTION * u_p * ||W0||_F`` with ``u_p`` the unit
+    round-off of ``p``. Such a task vector is the rounding error of re-storing the base
+    (``||fl_p(W0) - W0||_F <= u_p ||W0||_F``), not a fine-tuning update. ``energy`` is
+    ``||tau_t||_F^2``, ``base_norm`` ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the
+    rows per block.
+    """
+    coarsest = unit_roundoff(_STORAGE_FORMATS[0])
+    if math.sqrt(energy) > (1.0 + NOISE_FRACTION) * coarsest * base_norm:
+        return None  # larger than any rounding of the base: cheap exit for real experts
+    fmt = storage_precision(expert, step)
+    squares = 0.0
+    for b, e in zip(_row_blocks(base, step), _row_blocks(expert, step)):
+        d = e.to(dtype) - b.to(fmt).to(dtype)
+        squares += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+    limit = NOISE_FRACTION * unit_roundoff(fmt) * base_norm
+    return fmt if math.sqrt(squares) <= limit else None
+
+
+def is_storage_noise(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    energy: float,
+    base_norm: float,
+    dtype: torch.dtype,
+    *,
+    index: int,
+    drop_noise: bool,
+    tensor_name: Optional[str],
+    expert_names: Optional[Sequence[str]],
+    step: Optional[int] = None,
+) -> bool:
+    """:func:`storage_noise` for expert ``index``, logged when it is (whether or not
+    ``drop_noise`` leaves it out)."""
+    fmt = storage_noise(base, expert, energy, base_norm, dtype, step)
+    if fmt is None:
+        return False
+    _report_noise(_label(expert_names, index, f"expert #{index}"), tensor_name, fmt, drop_noise)
+    return True
+
+
+_noise_reported: set = set()
+
+
+def _report_noise(label: str, tensor_name: Optional[str], fmt: torch.dtype, dropped: bool) -> None:
+    """Warn once per model (later tensors of the same model at debug level)."""
+    what = (
+        "left out of the merge (set `drop_noise: false` to keep it)" if dropped
+        else "kept in the merge because `drop_noise` is false"
+    )
+    message = (
+        "model %s: its tensor %s equals the base model's stored as %s, up to rounding: the "
+        "task vector is storage noise, not a fine-tuning update; %s."
+    )
+    args = (label, repr(tensor_name) if tensor_name else "(unnamed)",
+            str(fmt).replace("torch.", ""), what)
+    if label in _noise_reported:
+        logger.debug(message, *args)
+        return
+    _noise_reported.add(label)
+    logger.warning(message + " Further tensors of this model are reported at debug level.", *args)
 
 
 def task_vectors(
@@ -130,24 +255,38 @@ def task_vectors(
     experts: Sequence[torch.Tensor],
     weights: Sequence[float],
     dtype: torch.dtype,
+    *,
+    drop_noise: bool = True,
+    tensor_name: Optional[str] = None,
+    expert_names: Optional[Sequence[str]] = None,
 ) -> TaskVectors:
     """``tau_t = W_t - W0`` in ``dtype``, dropping experts whose weight is 0 or that left
-    this tensor unchanged (spec, Decisions: a zero task vector must not join the system)."""
+    this tensor unchanged (spec, Decisions: a zero task vector must not join the system),
+    and, with ``drop_noise``, those whose task vector is storage noise
+    (:func:`storage_noise`; such experts are logged either way)."""
     base_c = base.to(dtype)
-    deltas, indices, energies, all_energies = [], [], [], []
+    base_norm: Optional[float] = None
+    deltas, indices, energies, all_energies, noise = [], [], [], [], []
     for i, expert in enumerate(experts):
         delta = expert.to(dtype) - base_c
         energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
         all_energies.append(energy)
         if energy == 0.0 or weights[i] == 0.0:
             continue
+        if base_norm is None:
+            base_norm = frobenius(base)
+        if is_storage_noise(base, expert, energy, base_norm, dtype, index=i, drop_noise=drop_noise,
+                            tensor_name=tensor_name, expert_names=expert_names):
+            noise.append(i)
+            if drop_noise:
+                continue
         deltas.append(delta)
         indices.append(i)
         energies.append(energy)
     kept = [weights[i] for i in indices]
     total = sum(kept)
     kept = [len(kept) * w / total for w in kept] if kept else []
-    return TaskVectors(base_c, deltas, indices, kept, energies, all_energies)
+    return TaskVectors(base_c, deltas, indices, kept, energies, all_energies, noise)
 
 
 def weighted_mean_delta(tv: TaskVectors) -> torch.Tensor:
@@ -158,17 +297,26 @@ def weighted_mean_delta(tv: TaskVectors) -> torch.Tensor:
     return acc / sum(tv.weights)
 
 
+FLOAT64_REMEDY = "compute in float64 (`dtype: float64`)"
+
+
 def finish(
     base: torch.Tensor,
     merged_delta: torch.Tensor,
     lam: float,
     out_dtype: torch.dtype,
     tensor_name: Optional[str],
+    remedy: str = FLOAT64_REMEDY,
 ) -> torch.Tensor:
-    """``W0 + lam * delta`` cast to ``out_dtype``; never returns NaN or Inf."""
+    """``W0 + lam * delta`` cast to ``out_dtype``; never returns NaN or Inf.
+
+    ``remedy`` completes the error message with what the user of this method can change
+    (each method passes its own: only ACE has an ``eps``)."""
     out = base.add(merged_delta, alpha=lam)
-    _refuse_non_finite(out, tensor_name)
-    return out.to(out_dtype)
+    _refuse_non_finite(out, tensor_name, remedy)
+    cast = out.to(out_dtype)
+    _refuse_overflow(cast, out, tensor_name)
+    return cast
 
 
 def finish_rows(
@@ -178,6 +326,7 @@ def finish_rows(
     out_dtype: torch.dtype,
     tensor_name: Optional[str],
     blocks: Sequence[tuple],
+    remedy: str = FLOAT64_REMEDY,
 ) -> torch.Tensor:
     """:func:`finish` a block of rows at a time, overwriting ``merged_delta`` (a 2-D tensor in
     the compute dtype): no full-size temporary besides the output when ``out_dtype`` differs
@@ -188,16 +337,31 @@ def finish_rows(
     )
     for start, stop in blocks:
         rows = merged_delta[start:stop].mul_(lam).add_(base[start:stop].to(merged_delta.dtype))
-        _refuse_non_finite(rows, tensor_name)
+        _refuse_non_finite(rows, tensor_name, remedy)
         if not in_place:
             out[start:stop] = rows
+            _refuse_overflow(out[start:stop], rows, tensor_name)
     return out
 
 
-def _refuse_non_finite(out: torch.Tensor, tensor_name: Optional[str]) -> None:
+def _refuse_non_finite(out: torch.Tensor, tensor_name: Optional[str], remedy: str) -> None:
     if not bool(torch.isfinite(out).all()):
-        where = f"tensor {tensor_name!r}" if tensor_name else "this tensor"
         raise FloatingPointError(
-            f"{where}: the merge produced non-finite values; refusing to write them. Raise `eps` "
-            "for this tensor (it regularizes the system) or compute in float64 (`dtype: float64`)."
+            f"{_where(tensor_name)}: the merge produced non-finite values; refusing to write "
+            f"them. To fix: {remedy}."
         )
+
+
+def _refuse_overflow(cast: torch.Tensor, out: torch.Tensor, tensor_name: Optional[str]) -> None:
+    """``out`` is finite; refuse its cast to a narrower dtype when that overflowed to Inf."""
+    if not bool(torch.isfinite(cast).all()):
+        raise FloatingPointError(
+            f"{_where(tensor_name)}: the merged values exceed the range of "
+            f"{str(cast.dtype).replace('torch.', '')} (largest |value| "
+            f"{float(out.abs().max()):.3g}); refusing to write Inf. Write a wider `out_dtype` "
+            "(e.g. bfloat16 or float32) or lower `lambda`."
+        )
+
+
+def _where(tensor_name: Optional[str]) -> str:
+    return f"tensor {tensor_name!r}" if tensor_name else "this tensor"

@@ -4,19 +4,21 @@ Each of those methods differs from the others only in how it turns the task vect
 2-D tensor into a merged task vector. Everything around that is common and lives here, built
 on ``kernels/common.py`` exactly as the ACE kernel uses it: input checks, task vectors
 ``tau_t = W_t - W0`` in float32 (float64 when an input is), experts that left the tensor
-unchanged (or have weight 0) dropped, the weighted mean of the task vectors for tensors that
+unchanged (or have weight 0) dropped, so are by default those whose task vector is storage
+noise (``common.storage_noise``), the weighted mean of the task vectors for tensors that
 are not 2-D, and ``finish`` (``W0 + lam * delta``, refusing non-finite output).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, TypeVar
 
 import torch
 
 from mergekit_ace.kernels.common import (
+    FLOAT64_REMEDY,
     MergeInputError,
     TaskVectors,
     finish,
@@ -34,7 +36,8 @@ class DataFreeDiagnostics:
     tensor was merged by averaging task vectors (not 2-D, or a method's documented fallback;
     ``reason`` says which), and the method's name for its own 2-D computation. ``energies``
     lists ``||tau_t||_F^2`` for every expert in input order; ``participants`` the indices of
-    those that entered the merge (non-zero task vector, positive weight). ``rank`` is the
+    those that entered the merge (non-zero task vector, positive weight); ``noise`` those
+    whose task vector is storage noise (left out unless ``drop_noise=False``). ``rank`` is the
     number of directions the merged task vector was built from.
     """
 
@@ -46,6 +49,7 @@ class DataFreeDiagnostics:
     weights: List[float]
     rank: int = 0
     reason: Optional[str] = None
+    noise: List[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +72,8 @@ def merge_tensor(
     out_dtype: Optional[torch.dtype] = None,
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
+    drop_noise: bool = True,
+    remedy: str = FLOAT64_REMEDY,
 ) -> tuple[torch.Tensor, D]:
     """Run ``solve_2d(task_vectors, diagnostics) -> merged task vector`` on a 2-D tensor
     inside the shared frame; returns ``(W0 + lam * merged, diagnostics)``.
@@ -76,7 +82,9 @@ def merge_tensor(
     objective weights (only for ``weighted`` methods; for the others passing any is an error
     rather than a silently ignored setting), ``lam`` the scale of the merged task vector,
     ``compute_dtype`` (default float32, float64 when an input is), ``out_dtype`` (default the
-    base tensor's), and ``tensor_name`` / ``expert_names`` for error messages.
+    base tensor's), ``tensor_name`` / ``expert_names`` for messages, and ``drop_noise``
+    (default True: leave out experts whose task vector is storage noise). ``remedy`` is the
+    method's advice when the merge overflows (:func:`~mergekit_ace.kernels.common.finish`).
     """
     if not math.isfinite(lam):
         raise ValueError(f"lambda must be finite, got {lam}")
@@ -88,7 +96,10 @@ def merge_tensor(
         base, experts, weights, compute_dtype=compute_dtype, out_dtype=out_dtype,
         tensor_name=tensor_name, expert_names=expert_names,
     )
-    tv = task_vectors(base, experts, w_all, dtype)
+    tv = task_vectors(
+        base, experts, w_all, dtype, drop_noise=drop_noise, tensor_name=tensor_name,
+        expert_names=expert_names,
+    )
     diag = diagnostics(
         tensor=tensor_name,
         shape=tuple(base.shape),
@@ -96,6 +107,7 @@ def merge_tensor(
         energies=tv.all_energies,
         participants=tv.indices,
         weights=tv.weights,
+        noise=tv.noise,
     )
     if not tv.deltas:
         return base.to(out_dtype), diag
@@ -104,7 +116,7 @@ def merge_tensor(
     else:
         diag.branch = method
         merged = solve_2d(tv, diag)
-    return finish(tv.base, merged, lam, out_dtype, tensor_name), diag
+    return finish(tv.base, merged, lam, out_dtype, tensor_name, remedy), diag
 
 
 def mean_delta(tv: TaskVectors, diag: DataFreeDiagnostics, reason: str) -> torch.Tensor:

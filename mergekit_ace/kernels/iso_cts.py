@@ -21,7 +21,8 @@ Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t ta
 6. merged ``s_bar U_perp V_perp^T``, output ``W0 + lam * merged``.
 
 ``common_space_fraction = 1`` (or more tasks than rank, ``p = 0``) is exactly Iso-C. Numerically
-zero singular triplets are left out as in Iso-C; tensors that are not 2-D take the mean task
+zero singular triplets are left out as in Iso-C, those of step 3 measured against the task
+vector's Frobenius norm (the residual of a low-rank task vector is pure round-off); tensors that are not 2-D take the mean task
 vector. Decisions: ``docs/family.md``.
 """
 
@@ -85,9 +86,11 @@ def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> to
     U_c, s_c, Vh_c = top_singular_triplets(task_sum(tv), diag.k_common)
     Us, ss, Vhs = [U_c], [s_c], [Vh_c]
     if diag.per_task > 0:
-        for delta in tv.deltas:
+        for delta, energy in zip(tv.deltas, tv.energies):
             outside = delta - U_c @ (U_c.T @ delta)
-            U, s, Vh = top_singular_triplets(outside, diag.per_task)
+            # Numerically zero relative to the task vector, not to the residual: with low-rank
+            # experts the residual is pure round-off, and its own scale would keep it.
+            U, s, Vh = top_singular_triplets(outside, diag.per_task, scale=energy**0.5)
             Us.append(U), ss.append(s), Vhs.append(Vh)
     U, s, Vh = torch.cat(Us, dim=1), torch.cat(ss), torch.cat(Vhs, dim=0)
     if len(Us) > 1 and s.numel():

@@ -20,22 +20,35 @@ class SolveInfo:
     rcond: float
 
 
-def rank_tolerance(largest: float, shape: tuple, dtype: torch.dtype) -> float:
-    """Numerical-rank cutoff ``largest * max(shape) * eps(dtype)``: the convention of
-    ``numpy.linalg.matrix_rank`` and of ``torch.linalg.pinv``'s default ``rtol``. Singular
-    values at or below it are rounding noise; their singular vectors are arbitrary."""
-    return float(largest) * max(shape) * torch.finfo(dtype).eps
+# The unit of every numerical-rank cutoff: float32's machine epsilon, whatever the compute
+# dtype, so that a merge computed in float64 drops the same directions as in float32.
+RANK_EPS = torch.finfo(torch.float32).eps
+
+
+def rank_tolerance(largest: float, shape: tuple) -> float:
+    """Numerical-rank cutoff ``largest * max(shape) * eps``: the convention of
+    ``numpy.linalg.matrix_rank`` and of ``torch.linalg.pinv``'s default ``rtol``, with
+    ``eps`` float32's machine epsilon (``RANK_EPS``) in every compute dtype. Singular values
+    at or below it are rounding noise in float32; their singular vectors are arbitrary."""
+    return float(largest) * max(shape) * RANK_EPS
 
 
 def top_singular_triplets(
-    X: torch.Tensor, k: int
+    X: torch.Tensor, k: int, scale: Optional[float] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` leading singular triplets of ``X`` (``[m, n]``) from a thin SVD, with the
-    numerically zero ones (``rank_tolerance`` of ``X``'s largest singular value) left out:
-    ``(U [m, k'], s [k'], Vh [k', n])``, ``k' <= k``."""
+    numerically zero ones left out: ``(U [m, k'], s [k'], Vh [k', n])``, ``k' <= k``.
+
+    Numerically zero: at or below ``rank_tolerance(scale)``, where ``scale`` is the size of
+    the matrix whose round-off ``X`` carries (default: ``X``'s own largest singular value). A
+    residual such as ``tau - U U^T tau`` must pass the size of ``tau`` (its Frobenius norm,
+    an upper bound of its largest singular value): measured against its own largest singular
+    value, a residual that is pure round-off would look like signal.
+    """
     U, s, Vh = torch.linalg.svd(X, full_matrices=False)
     top = float(s[0]) if s.numel() else 0.0
-    keep = int((s[:k] > rank_tolerance(top, tuple(X.shape), X.dtype)).sum()) if top > 0 else 0
+    scale = top if scale is None else float(scale)
+    keep = int((s[:k] > rank_tolerance(scale, tuple(X.shape))).sum()) if top > 0 else 0
     return U[:, :keep], s[:keep], Vh[:keep]
 
 

@@ -40,8 +40,10 @@ def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str
     return Annotated[float, PlainValidator(_number_check(name, low, high, what))]
 
 
-def _number_or_word(name: str, word: str, low: float = -math.inf, what: str = "") -> Any:
-    number = _number_check(name, low, math.inf, what)
+def _number_or_word(
+    name: str, word: str, low: float = -math.inf, what: str = "", high: float = math.inf
+) -> Any:
+    number = _number_check(name, low, high, what)
 
     def validate(value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() == word:
@@ -94,6 +96,13 @@ def lambda_parameter() -> ParameterSpec:
                   "scale of the merged task vector")
 
 
+def drop_noise_parameter() -> ParameterSpec:
+    """Shared by every method of this package (``KernelMergeMethod`` adds it)."""
+    return shared("drop_noise", _boolean("drop_noise"), True,
+                  "leave out experts whose task vector for a tensor is storage noise (the "
+                  "expert equals the base rounded to its storage precision)")
+
+
 def weight_parameter() -> ParameterSpec:
     return ParameterSpec(
         "weight",
@@ -113,7 +122,8 @@ class KernelMergeMethod(GroupMergeMethod):
 
     ``kernel(base, experts, weights=..., tensor_name=..., expert_names=..., **params)`` must
     return ``(tensor, diagnostics)``. ``parameter_map`` renames mergekit parameter names to
-    kernel keyword names (``lambda`` is a Python keyword).
+    kernel keyword names (``lambda`` is a Python keyword). Every such method also takes
+    ``drop_noise`` (:func:`drop_noise_parameter`), which every kernel accepts.
     """
 
     def __init__(
@@ -130,7 +140,7 @@ class KernelMergeMethod(GroupMergeMethod):
             name=name,
             pretty_name=pretty_name,
             reference_url=reference_url,
-            parameters=tuple(parameters),
+            parameters=tuple(parameters) + (drop_noise_parameter(),),
             contract=base_required_contract(),
         )
         self.kernel = kernel

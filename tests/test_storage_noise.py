@@ -1,0 +1,157 @@
+"""Experts whose task vector is storage noise (the base re-stored at the expert's precision):
+detected for every method, reported, left out by default, kept with ``drop_noise=False``; and
+real experts, however small, are not mistaken for noise."""
+
+import logging
+
+import pytest
+import torch
+
+from mergekit_ace.kernels import common
+from mergekit_ace.kernels.ace import ace_merge
+from mergekit_ace.kernels.actmat import actmat_merge
+from mergekit_ace.kernels.common import storage_precision
+from mergekit_ace.kernels.iso_c import iso_c_merge
+from mergekit_ace.kernels.iso_cts import iso_cts_merge
+from mergekit_ace.kernels.tsv import tsv_merge
+
+KERNELS = {
+    "ace": ace_merge,
+    "actmat": actmat_merge,
+    "tsv": tsv_merge,
+    "iso_c": iso_c_merge,
+    "iso_cts": iso_cts_merge,
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reports():
+    common._noise_reported.clear()
+    yield
+    common._noise_reported.clear()
+
+
+def _real_experts(shape=(48, 40), rel=(1.1e-3, 1.3e-3, 1.5e-3), seed=0):
+    """A float32 base at an LLM's weight scale and experts with low-rank-plus-noise task
+    vectors of ``rel * ||W0||`` (the benchmark's fine-tunes have ~1e-3)."""
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(*shape, generator=g)
+    return base, [base + _delta(base, r, g) for r in rel], g
+
+
+def _delta(base, rel, g):
+    m, n = base.shape
+    d = torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)
+    d = d / d.norm() + 0.3 * torch.randn(m, n, generator=g) / (m * n) ** 0.5
+    return d * (rel * base.norm() / d.norm())
+
+
+def _noise_cases():
+    """(name, base, storage-noise expert) for the realistic ways a no-op expert arises."""
+    base, _, g = _real_experts()
+    bf16 = base.to(torch.bfloat16)
+    return {
+        # an fp32 base saved in bf16 (and read back as bf16, or upcast by `dtype: float32`)
+        "fp32 base saved as bf16": (base, bf16),
+        "saved as bf16, read back as fp32": (base, bf16.float()),
+        "saved as fp16": (base, base.to(torch.float16)),
+        # a bf16 checkpoint re-saved after a perturbation far below bf16's precision
+        "bf16 base + 1e-6 noise, saved as bf16": (
+            bf16, (bf16.float() + 1e-6 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_noise_cases()))
+@pytest.mark.parametrize("method", list(KERNELS))
+def test_storage_noise_expert_is_left_out_by_default(method, case):
+    base, noise = _noise_cases()[case]
+    _, experts, _ = _real_experts()
+    experts = [e.to(base.dtype) for e in experts]
+    kernel = KERNELS[method]
+    f32 = {"out_dtype": torch.float32}  # bf16 output would round the difference away
+    without, _ = kernel(base, experts, **f32)
+    merged, diag = kernel(base, experts + [noise], **f32)
+    assert diag.noise == [3] and diag.participants == [0, 1, 2]
+    assert torch.equal(merged, without)
+    kept, diag_kept = kernel(base, experts + [noise], drop_noise=False, **f32)
+    assert diag_kept.noise == [3] and diag_kept.participants == [0, 1, 2, 3]
+    assert not torch.equal(kept, without)
+
+
+def test_noise_expert_would_take_over_ace():
+    """Why noise experts are left out: bf16 rounding of an fp32 base is as large as a light
+    fine-tune's update (~1e-3 of ||W0||), so kept it enters the merge as a full task of white
+    noise."""
+    base, experts, _ = _real_experts()
+    noise = base.to(torch.bfloat16)
+    without, _ = ace_merge(base, experts)
+    kept, diag = ace_merge(base, experts + [noise], drop_noise=False)
+    change = float((kept - without).norm() / (without - base).norm())
+    assert change > 0.3, change
+
+
+@pytest.mark.parametrize("method", list(KERNELS))
+def test_real_experts_are_not_noise(method):
+    """A real expert with 100x less energy than the others (float32, and bf16 from a bf16
+    base, where most of its change is rounded away on saving), and real experts saved in bf16
+    from an fp32 base (their task vectors carry bf16 rounding too)."""
+    base, experts, g = _real_experts()
+    delta = _delta(base, 1.3e-4, g)
+    kernel = KERNELS[method]
+    _, diag = kernel(base, experts + [base + delta])
+    assert diag.noise == [] and diag.participants == [0, 1, 2, 3]
+    base16 = base.to(torch.bfloat16)
+    experts16 = [e.to(torch.bfloat16) for e in experts]
+    _, diag = kernel(base16, experts16 + [(base16.float() + delta).to(torch.bfloat16)])
+    assert diag.noise == [] and diag.participants == [0, 1, 2, 3]
+    _, diag = kernel(base, experts16)
+    assert diag.noise == [] and diag.participants == [0, 1, 2]
+
+
+def test_fp32_perturbation_far_above_fp32_rounding_is_not_noise():
+    """``W0 + 1e-6 * randn`` in float32 is ~800 times float32's unit round-off (relative to
+    ``||W0||`` here): a tiny change, not storage noise (docs/method.md explains the line)."""
+    base, experts, g = _real_experts()
+    tiny = base + 1e-6 * torch.randn(base.shape, generator=g)
+    _, diag = ace_merge(base, experts + [tiny])
+    assert diag.noise == [] and 3 in diag.participants
+
+
+def test_storage_precision_sees_through_an_upcast():
+    x = torch.randn(30, 20)
+    assert storage_precision(x) == torch.float32
+    assert storage_precision(x.to(torch.bfloat16).float()) == torch.bfloat16
+    assert storage_precision(x.to(torch.float16).float()) == torch.float16
+    assert storage_precision(x.to(torch.bfloat16)) == torch.bfloat16
+    assert storage_precision(x.double()) == torch.float64
+
+
+def test_warning_names_model_and_tensor_once_per_model(caplog):
+    base, experts, _ = _real_experts()
+    names = ["a", "b", "c", "base_in_bf16"]
+    with caplog.at_level(logging.DEBUG, logger="mergekit_ace.kernels.common"):
+        tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.0.w",
+                  expert_names=names)
+        tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.1.w",
+                  expert_names=names)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "base_in_bf16" in text and "'layer.0.w'" in text and "bfloat16" in text
+    assert "drop_noise: false" in text
+    later = [r for r in caplog.records if r.levelno == logging.DEBUG and "layer.1.w" in r.getMessage()]
+    assert len(later) == 1
+
+
+def test_non_2d_tensors_and_single_expert():
+    """Noise is left out of non-2-D tensors too; a noise expert alone leaves the base."""
+    g = torch.Generator().manual_seed(4)
+    base = 1.0 + 0.1 * torch.randn(64, generator=g)
+    real = base + 1e-3 * torch.randn(64, generator=g)
+    for kernel in KERNELS.values():
+        out, diag = kernel(base, [real, base.to(torch.bfloat16)])
+        assert diag.branch == "mean" and diag.noise == [1]
+        assert torch.equal(out, real)
+        out, diag = kernel(base, [base.to(torch.bfloat16)])
+        assert diag.branch == "unchanged" and torch.equal(out, base)
