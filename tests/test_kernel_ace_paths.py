@@ -220,16 +220,20 @@ def test_tf32_split_is_exact_and_its_head_fits_tf32():
 
     x = torch.randn(300, generator=torch.Generator().manual_seed(5)) * 1e3
     head, rest = tf32_split(x)
-    assert torch.equal(head + rest, x)
-    assert int((head.view(torch.int32) & 0x1FFF).abs().sum()) == 0  # low 13 bits clear
-    assert bool((rest.abs() <= 2.0**-10 * x.abs()).all())
+    for part in (head, rest):  # what tensor cores read of them is all there is
+        assert int((part.view(torch.int32) & 0x1FFF).abs().sum()) == 0  # low 13 bits clear
+    assert bool(((x - head).abs() <= 2.0**-11 * x.abs()).all())  # rounded, not truncated
+    assert bool(((head.double() + rest.double() - x.double()).abs() <= 2.0**-22 * x.abs()).all())
+    # rounding is symmetric: -x splits into -head, -rest
+    neg_head, neg_rest = tf32_split(-x)
+    assert torch.equal(neg_head, -head) and torch.equal(neg_rest, -rest)
 
 
 @pytest.mark.parametrize("precision", ["float32", "tf32x3", "tf32"])
 def test_split_products_equal_plain_products_on_cpu(precision):
     """The split algebra (three products, the Gram's symmetric cross term) is exact math;
     on a CPU, which has no TF32, every precision gives float32 products."""
-    from mergekit_ace.kernels.linalg import addmm_, gram
+    from mergekit_ace.kernels.linalg import add_gram_, addmm_, gram
 
     g = torch.Generator().manual_seed(6)
     a, b = torch.randn(40, 30, generator=g), torch.randn(30, 20, generator=g)
@@ -238,6 +242,8 @@ def test_split_products_equal_plain_products_on_cpu(precision):
     assert rel_err(addmm_(out, a, b, alpha=0.5, precision=precision), expected) < 1e-6
     assert rel_err(gram(a, precision=precision), a.double().T @ a.double()) < 1e-6
     assert rel_err(gram(a, rows=True, precision=precision), a.double() @ a.double().T) < 1e-6
+    twice = add_gram_(gram(a, precision=precision), a, alpha=2.0, precision=precision)
+    assert rel_err(twice, 3 * a.double().T @ a.double()) < 1e-6
 
 
 def test_matmul_precision_resolves_to_float32_off_cuda_and_is_validated():

@@ -27,6 +27,7 @@ import torch
 from mergekit_ace.kernels.linalg import (
     RightSolver,
     SolveInfo,
+    add_gram_,
     addmm_,
     gram as gram_of,
     isotropic_projector,
@@ -237,7 +238,7 @@ def accumulate(
         ridge += w * eps_t
         mu = src.means[t]
         if plan.row_gram:
-            addmm_(S_sum, C.T, C, alpha=scale, precision=mm)  # no [n, n] temporary
+            add_gram_(S_sum, C, alpha=scale, precision=mm)  # no [n, n] temporary
             addmm_(N, gram, C, alpha=scale, precision=mm)
             N.add_(C, alpha=w * eps_t)
             if q is not None:

@@ -217,14 +217,15 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
 
 MATMUL_PRECISIONS = ("auto", "float32", "tf32x3", "tf32")
 _TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
+_TF32_HALF = 4096  # half of the 13 bits TF32 drops
 
 
 def resolve_matmul_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
     """The precision the large float32 products run in on ``device``.
 
     ``float32``: plain float32 (the CPU's and the default-PyTorch GPU's). ``tf32x3``: each
-    operand split into a TF32 head and a remainder, three tensor-core products (head*head,
-    head*rest, rest*head), accurate to float32 round-off. ``tf32``: one tensor-core product
+    operand split into a TF32 head and a TF32 remainder (:func:`tf32_split`), three
+    tensor-core products (head*head, head*rest, rest*head) summed in float32. ``tf32``: one tensor-core product
     (~1e-3 relative error, an explicit opt-in). ``auto``: ``tf32x3`` on CUDA GPUs with tensor
     cores for TF32 (compute capability 8.0 and newer), ``float32`` elsewhere. Float64
     computation is never changed, and TF32 exists only on CUDA: everything else is ``float32``.
@@ -254,11 +255,20 @@ class _Tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest TF32 value (ties away from zero): the low 13 mantissa
+    bits cleared after adding half of their range to the magnitude."""
+    bits = x.view(torch.int32)
+    return bits.add(_TF32_HALF).bitwise_and_(_TF32_MASK).view(torch.float32)
+
+
 def tf32_split(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(head, rest)`` with ``head + rest == x`` exactly and ``head`` exactly representable in
-    TF32 (its low 13 mantissa bits cleared), so ``|rest| <= 2^-10 |x|``."""
-    head = x.view(torch.int32).bitwise_and(_TF32_MASK).view(torch.float32)
-    return head, x - head
+    """``(head, rest)``, both exactly representable in TF32, with ``head = tf32_round(x)``
+    (so ``|x - head| <= 2^-11 |x|``) and ``rest`` the TF32 rounding of ``x - head``:
+    ``head + rest`` equals ``x`` to within ``2^-22 |x|``, and tensor cores, which read only
+    TF32's bits, multiply both exactly."""
+    head = tf32_round(x)
+    return head, tf32_round(x - head)
 
 
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0,
@@ -275,9 +285,25 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float 
             return out.addmm_(a, b, alpha=alpha)
         a_head, a_rest = tf32_split(a)
         b_head, b_rest = tf32_split(b)
-        out.addmm_(a_rest, b_head, alpha=alpha)  # the small terms first
-        out.addmm_(a_head, b_rest, alpha=alpha)
-        return out.addmm_(a_head, b_head, alpha=alpha)
+        return _three_products(out, a_head, a_rest, b_head, b_rest, alpha)
+
+
+def _three_products(out, a_head, a_rest, b_head, b_rest, alpha):
+    out.addmm_(a_rest, b_head, alpha=alpha)  # the small terms first
+    out.addmm_(a_head, b_rest, alpha=alpha)
+    return out.addmm_(a_head, b_head, alpha=alpha)
+
+
+def add_gram_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0,
+              precision: str = "float32") -> torch.Tensor:
+    """``out += alpha * x^T x`` with no temporary of ``out``'s size (``x`` split only once
+    for ``tf32x3``)."""
+    if precision != "tf32x3" or x.dtype != torch.float32:
+        return addmm_(out, x.transpose(0, 1), x, alpha=alpha, precision=precision)
+    head, rest = tf32_split(x)
+    with _Tf32(True):
+        return _three_products(out, head.transpose(0, 1), rest.transpose(0, 1), head, rest,
+                               alpha)
 
 
 def gram(x: torch.Tensor, *, rows: bool = False, precision: str = "float32") -> torch.Tensor:
