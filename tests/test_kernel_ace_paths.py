@@ -273,3 +273,15 @@ def test_split_products_through_the_kernel_match_reference(shape, scales, stream
         assert diag.matmul == "tf32x3"
         ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
         assert rel_err(out - base, ref - base.double()) < 2e-4
+
+
+def test_split_products_in_column_blocks_equal_one_product(monkeypatch):
+    import mergekit_ace.kernels.linalg as linalg
+
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(12, 40, generator=g), torch.randn(40, 33, generator=g)
+    whole = linalg.addmm_(torch.zeros(12, 33), a, b, alpha=2.0, precision="tf32x3")
+    monkeypatch.setattr(linalg, "SPLIT_BLOCK_BYTES", 40 * 4 * 5)  # 5 columns at a time
+    blocks = linalg.addmm_(torch.zeros(12, 33), a, b, alpha=2.0, precision="tf32x3")
+    assert rel_err(blocks, whole) < 1e-6
+    assert rel_err(blocks, 2 * a.double() @ b.double()) < 1e-6

@@ -218,6 +218,7 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
 MATMUL_PRECISIONS = ("auto", "float32", "tf32x3", "tf32")
 _TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
 _TF32_HALF = 4096  # half of the 13 bits TF32 drops
+SPLIT_BLOCK_BYTES = 128 * 2**20  # columns of a right factor split at once
 
 
 def resolve_matmul_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -284,8 +285,13 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float 
         if precision == "tf32":
             return out.addmm_(a, b, alpha=alpha)
         a_head, a_rest = tf32_split(a)
-        b_head, b_rest = tf32_split(b)
-        return _three_products(out, a_head, a_rest, b_head, b_rest, alpha)
+        # b's halves a block of columns at a time: a large right factor (an [n, n] system)
+        # would otherwise need twice its size again in halves.
+        step = max(1, SPLIT_BLOCK_BYTES // (4 * b.shape[0]))
+        for start in range(0, b.shape[1], step):
+            b_head, b_rest = tf32_split(b[:, start : start + step])
+            _three_products(out[:, start : start + step], a_head, a_rest, b_head, b_rest, alpha)
+        return out
 
 
 def _three_products(out, a_head, a_rest, b_head, b_rest, alpha):
