@@ -141,9 +141,9 @@ class TaskVectors:
     """Task vectors of the experts that take part in this tensor's merge.
 
     ``indices`` points back into the caller's expert list; ``weights`` are renormalized to
-    mean one over the participants (spec: "Per-model weight"), so equal weights are all ones.
-    ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64. ``noise``
-    lists the experts (input indices) whose task vector is storage noise
+    mean one over the participants (docs/method.md, "Per-model weight"), so equal weights are
+    all ones. ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64.
+    ``noise`` lists the experts (input indices) whose task vector is storage noise
     (:func:`storage_noise`), whether or not they were left out.
     """
 
@@ -277,8 +277,8 @@ def task_vectors(
     expert_names: Optional[Sequence[str]] = None,
 ) -> TaskVectors:
     """``tau_t = W_t - W0`` in ``dtype``, dropping experts whose weight is 0 or that left
-    this tensor unchanged (spec, Decisions: a zero task vector must not join the system),
-    and, with ``drop_noise``, those whose task vector is storage noise
+    this tensor unchanged (docs/method.md, "Decisions": a zero task vector must not join the
+    system), and, with ``drop_noise``, those whose task vector is storage noise
     (:func:`storage_noise`; such experts are logged either way)."""
     base_c = base.to(dtype)
     base_norm: Optional[float] = None
