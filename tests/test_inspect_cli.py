@@ -63,9 +63,10 @@ def test_inspect_package_has_no_import_cycle():
 
 
 def test_mergekit_internals_are_touched_in_one_module():
-    internals = ("_plan(", "._tensors", "_model_out_config", "._METHODS")
+    internals = ("_plan(", "._tensors", "_model_out_config", "._METHODS", "gather_tensors",
+                 "weight_info", "tensor_paths")
     users = {p.stem for p in PACKAGE.glob("*.py") for word in internals if word in p.read_text()}
-    assert users == {"planning"}
+    assert users <= {"planning"}
 
 
 def test_without_matplotlib_the_table_is_written_with_a_hint(tiny_family, tmp_path):

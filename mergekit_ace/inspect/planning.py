@@ -114,6 +114,14 @@ def gather_of(merge_task):
     return inner
 
 
+def base_header(merge_task) -> Optional[Tuple[Tuple[int, ...], str, Optional[str]]]:
+    """Shape and safetensors dtype of a merge task's base tensor, from the file header alone,
+    and the dtype the config asks mergekit to load it in (``None``: as stored)."""
+    gather = gather_of(merge_task)
+    entry = header_entry(merge_task.base_model, gather.weight_info[merge_task.base_model])
+    return None if entry is None else (*entry, gather.dtype)
+
+
 def header_entry(model, weight_info, *, required: bool = True) -> Optional[Tuple[Tuple[int, ...], str]]:
     """Shape and safetensors dtype of one input tensor, from the file header alone; ``None``
     if the model has no such tensor, or (``required=False``) if its file is not safetensors."""

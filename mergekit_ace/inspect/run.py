@@ -12,9 +12,8 @@ import torch
 from mergekit_ace.inspect.costs import calibrate_flop_rate, tensor_cost
 from mergekit_ace.inspect.planning import (
     Planned,
+    base_header,
     check_shapes,
-    gather_of,
-    header_entry,
     instrumented_method,
     plan,
 )
@@ -143,12 +142,11 @@ def _estimate_rows(planned: Planned, flop_rate: float, quiet: bool) -> List[Tens
 
     rows = []
     for merge_task in tqdm(planned.tasks, desc="Reading headers", disable=quiet):
-        gather = gather_of(merge_task)
-        entry = header_entry(merge_task.base_model, gather.weight_info[merge_task.base_model])
+        entry = base_header(merge_task)
         if entry is None:
             continue
-        shape, st_dtype = entry
-        dtype = gather.dtype or _torch_dtype(st_dtype).__str__().replace("torch.", "")
+        shape, st_dtype, dtype = entry
+        dtype = dtype or _torch_dtype(st_dtype).__str__().replace("torch.", "")
         experts = _experts_of(merge_task)
         gate_parameters = {k: v for k, v in merge_task.parameters.items()
                            if k in ("tau", "gate", "gate_statistic")}
