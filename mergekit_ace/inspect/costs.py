@@ -11,6 +11,7 @@ from typing import Dict, Sequence
 import torch
 
 from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
+from mergekit_ace.kernels.ace_parameters import ACE_DEFAULTS
 
 
 def calibrate_flop_rate(device: str = "cpu", size: int = 512, experts: int = 3,
@@ -43,16 +44,18 @@ def sync(device: str) -> None:
 
 
 def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_bytes: int,
-                flop_rate: float, refine: bool = True) -> Dict[str, float]:
+                flop_rate: float, refine: bool = True,
+                k_frac: float = ACE_DEFAULTS["k_frac"]) -> Dict[str, float]:
     """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
 
-    ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``).
-    Peak = the ``T + 1`` loaded inputs + the kernel workspace of :func:`estimate_ace_cost`
-    (which forms the task vectors one at a time) + the output.
+    ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``),
+    on ``floor(k_frac * min(m, n))`` directions. Peak = the ``T + 1`` loaded inputs + the
+    kernel's workspace of :func:`estimate_ace_cost` (which includes the merged tensor, returned
+    in the inputs' dtype).
     """
-    cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes, refine=refine)
-    numel = math.prod(shape)
-    peak = (n_experts + 2) * numel * load_bytes + cost["bytes"]
+    cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes, refine=refine,
+                             k_frac=k_frac, out_bytes=load_bytes)
+    peak = (n_experts + 1) * math.prod(shape) * load_bytes + cost["bytes"]
     return {
         "flops": float(cost["flops"]),
         "est_seconds": float(cost["flops"]) / flop_rate if flop_rate > 0 else float("nan"),

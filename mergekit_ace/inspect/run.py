@@ -25,7 +25,7 @@ from mergekit_ace.inspect.report import (
     split_name,
 )
 from mergekit_ace.kernels.ace import AceDiagnostics, AceOutOfMemoryError
-from mergekit_ace.kernels.ace_parameters import UNDECIDED, predict_branch
+from mergekit_ace.kernels.ace_parameters import ACE_DEFAULTS, UNDECIDED, predict_branch
 from mergekit_ace.kernels.common import MergeInputError
 
 # What a merge can fail with because of the checkpoints' contents (non-finite values,
@@ -99,7 +99,8 @@ def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate:
         params["weights"] = list(weights.values())
     load_bytes = _torch_dtype(dtype_name).itemsize
     refine = params.get("refine", True) and branch in ("heterogeneous", UNDECIDED)
-    cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine)
+    cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine,
+                       k_frac=params.get("k_frac", ACE_DEFAULTS["k_frac"]))
     return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
                      parameters=params, branch=branch, **cost)
 
