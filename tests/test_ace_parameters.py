@@ -23,6 +23,7 @@ VALUES = {
     "k_frac": [0.0, 0.3, 1.0, 1.5, -0.1],
     "prior": [True, False, "off", "sometimes"],
     "oom_fallback": ["cpu", "error", "CPU", "gpu"],
+    "matmul_precision": ["auto", "float32", "TF32", "tf32x3", "fp16"],
     "lambda": [1.0, -0.5, math.inf, "x"],
 }
 

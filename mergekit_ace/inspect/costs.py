@@ -44,17 +44,18 @@ def sync(device: str) -> None:
 
 
 def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_bytes: int,
-                flop_rate: float, refine: bool = True,
-                k_frac: float = ACE_DEFAULTS["k_frac"]) -> Dict[str, float]:
+                flop_rate: float, refine: bool = True, k_frac: float = ACE_DEFAULTS["k_frac"],
+                matmul: str = "float32") -> Dict[str, float]:
     """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
 
     ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``),
-    on ``floor(k_frac * min(m, n))`` directions. Peak = the ``T + 1`` loaded inputs + the
+    on ``floor(k_frac * min(m, n))`` directions; ``matmul``: the resolved product precision
+    (``resolve_matmul_precision``). Peak = the ``T + 1`` loaded inputs + the
     kernel's workspace of :func:`estimate_ace_cost` (which includes the merged tensor, returned
     in the inputs' dtype).
     """
     cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes, refine=refine,
-                             k_frac=k_frac, out_bytes=load_bytes)
+                             k_frac=k_frac, out_bytes=load_bytes, matmul=matmul)
     peak = (n_experts + 1) * math.prod(shape) * load_bytes + cost["bytes"]
     return {
         "flops": float(cost["flops"]),

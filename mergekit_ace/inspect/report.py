@@ -41,6 +41,7 @@ class TensorRow:
     solver: Optional[str] = None
     spectral: Optional[str] = None
     kernel_device: Optional[str] = None
+    matmul: Optional[str] = None
     rcond: Optional[float] = None
     condition: Optional[float] = None
     ridge: Optional[float] = None

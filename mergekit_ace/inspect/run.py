@@ -27,6 +27,7 @@ from mergekit_ace.inspect.report import (
 from mergekit_ace.kernels.ace import AceDiagnostics, AceOutOfMemoryError
 from mergekit_ace.kernels.ace_parameters import ACE_DEFAULTS, UNDECIDED, predict_branch
 from mergekit_ace.kernels.common import MergeInputError
+from mergekit_ace.kernels.linalg import resolve_matmul_precision
 
 # What a merge can fail with because of the checkpoints' contents (non-finite values,
 # mismatched shapes, all weights 0, a non-finite result, no memory): reported as one line.
@@ -68,7 +69,7 @@ def inspect_config(
         if flop_rate is None:
             flop_rate = calibrate_flop_rate(device)
         if estimate_only:
-            rows = _estimate_rows(planned, flop_rate, quiet)
+            rows = _estimate_rows(planned, device, flop_rate, quiet)
         else:
             storage = device if options.low_cpu_memory else "cpu"
             rows = _full_rows(planned, device, storage, flop_rate, quiet)
@@ -87,7 +88,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate: float,
-                  compute_bytes: int, branch: str) -> TensorRow:
+                  compute_bytes: int, branch: str, device: str) -> TensorRow:
     name = merge_task.output_weight.name
     layer, module = split_name(name)
     params = {k: v for k, v in merge_task.parameters.items()}
@@ -99,8 +100,11 @@ def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate:
         params["weights"] = list(weights.values())
     load_bytes = _torch_dtype(dtype_name).itemsize
     refine = params.get("refine", True) and branch in ("heterogeneous", UNDECIDED)
+    precision = params.get("matmul_precision", ACE_DEFAULTS["matmul_precision"])
+    compute_dtype = torch.float64 if compute_bytes == 8 else torch.float32
     cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine,
-                       k_frac=params.get("k_frac", ACE_DEFAULTS["k_frac"]))
+                       k_frac=params.get("k_frac", ACE_DEFAULTS["k_frac"]),
+                       matmul=resolve_matmul_precision(precision, torch.device(device), compute_dtype))
     return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
                      parameters=params, branch=branch, **cost)
 
@@ -125,7 +129,7 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.gamma, row.log_spread = diag.gamma, diag.log_spread
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
-    row.spectral, row.kernel_device = diag.spectral, diag.device
+    row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
     if diag.rcond is not None:
         row.condition = 1.0 / diag.rcond if diag.rcond > 0 else float("inf")
     row.concentration_pre, row.concentration_post = diag.concentration_pre, diag.concentration_post
@@ -138,7 +142,7 @@ def _experts_of(merge_task) -> list:
     return [m for m in merge_task.model_order if m != merge_task.base_model]
 
 
-def _estimate_rows(planned: Planned, flop_rate: float, quiet: bool) -> List[TensorRow]:
+def _estimate_rows(planned: Planned, device: str, flop_rate: float, quiet: bool) -> List[TensorRow]:
     from tqdm import tqdm
 
     rows = []
@@ -155,7 +159,7 @@ def _estimate_rows(planned: Planned, flop_rate: float, quiet: bool) -> List[Tens
         branch = predict_branch(len(shape), None, n_experts=len(experts), **gate_parameters).branch
         compute_bytes = 8 if str(dtype) == "float64" else 4
         rows.append(_row_skeleton(merge_task, shape, str(dtype), len(experts), flop_rate,
-                                  compute_bytes, branch))
+                                  compute_bytes, branch, device))
     return rows
 
 
@@ -183,7 +187,7 @@ def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
             # "copied": not merged by the kernel (a non-float buffer or a pass-through)
             branch = found[0].branch if found is not None else "copied"
             row = _row_skeleton(merge_task, shape, dtype, len(experts), flop_rate, compute_bytes,
-                                branch)
+                                branch, device)
             if found is not None:
                 _fill_from_diagnostics(row, found[0], found[1], experts, planned.models)
             rows.append(row)
