@@ -24,6 +24,7 @@ VALUES = {
     "prior": [True, False, "off", "sometimes"],
     "oom_fallback": ["cpu", "error", "CPU", "gpu"],
     "matmul_precision": ["auto", "float32", "TF32", "tf32x3", "fp16"],
+    "drop_noise": [True, False, "no", 2],
     "lambda": [1.0, -0.5, math.inf, "x"],
 }
 

@@ -21,7 +21,7 @@ from mergekit_ace.inspect.costs import calibrate_flop_rate, tensor_cost
 from mergekit_ace.inspect.report import CURVE_FRACTIONS, InspectError, InspectReport, TensorRow
 from mergekit_ace.inspect.run import inspect_config
 from mergekit_ace.inspect.summary import human_bytes, human_seconds, summary_text
-from mergekit_ace.inspect.writers import write_report
+from mergekit_ace.inspect.writers import csv_records, write_report
 
 __all__ = [
     "CURVE_FRACTIONS",
@@ -29,6 +29,7 @@ __all__ = [
     "InspectReport",
     "TensorRow",
     "calibrate_flop_rate",
+    "csv_records",
     "human_bytes",
     "human_seconds",
     "inspect_config",
