@@ -82,7 +82,7 @@ def make_inputs(shape, n_experts, seed=0, rank=16, dtype=torch.bfloat16, device=
 
 
 def naive_ace(base, experts, eps=1e-5, tau=0.3, k_frac=0.3, prior=True, lam=1.0, gate="auto"):
-    """The straightforward formulation of shared/spec/ace.md in the compute dtype: every
+    """The straightforward formulation of docs/method.md in the compute dtype: every
     per-task ``S_t`` and ``R_t`` kept, ``A`` inverted explicitly, a full (thin) SVD."""
     W0 = base.float()
     taus = [e.float() - W0 for e in experts]

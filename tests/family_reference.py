@@ -1,6 +1,6 @@
 """Independent float64 re-derivations of ACTMat, TSV-M, Iso-C and Iso-CTS, for the tests.
 
-Written straight from the formulas (``shared/spec/actmat.md``; the TSV-M and Iso papers'
+Written straight from the formulas (``docs/family.md``; the TSV-M and Iso papers'
 algorithms in the layout of the authors' released code: zero-padded ``[m, r]`` buffers filled
 task by task), sharing no code with the package: explicit ``torch.linalg.pinv``, full SVDs,
 no rank tolerances. Valid for inputs whose task vectors and sums have full rank.

@@ -1,4 +1,4 @@
-"""Independent float64 re-derivation of ACE-Merging, written straight from shared/spec/ace.md.
+"""Independent float64 re-derivation of ACE-Merging, written straight from docs/method.md.
 
 Deliberately naive: every per-task matrix is kept, the system is inverted explicitly (or
 pseudo-inverted when singular), no running sums, no shared code with the package.

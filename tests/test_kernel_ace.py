@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mergekit_ace.kernels.ace import ace_merge, heterogeneity, log_spread
+from mergekit_ace.kernels.ace import ace_merge
+from mergekit_ace.kernels.ace_parameters import heterogeneity, log_spread
 from mergekit_ace.kernels.common import MergeInputError
 from tests.reference import reference_ace, rel_err
 

@@ -1,8 +1,8 @@
 """ACE-Merging kernel (Xu et al., CVPR 2026, arXiv 2603.02945), one output tensor at a time.
 
-Follows ``shared/spec/ace.md`` step by step; equation numbers are the paper's. Memory does not
-grow with the number of experts: the per-task ``[n, n]`` proxies are folded into running sums
-(spec, "Cost") instead of being kept.
+Follows the specification in ``docs/method.md`` ("the spec" below) step by step; equation
+numbers are the paper's. Memory does not grow with the number of experts: the per-task
+``[n, n]`` proxies are folded into running sums (spec, "Cost") instead of being kept.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mergekit_ace.kernels.ace_parameters import (
+    ACE_DEFAULTS,
+    DEFAULT_GATE_STATISTIC,
+    predict_branch,
+    validate_ace_parameters,
+)
 from mergekit_ace.kernels.ace_phases import (
     AUTO_RIDGE,
     LOG_FLOOR,
@@ -35,21 +41,10 @@ from mergekit_ace.kernels.common import (
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import (
-    MATMUL_PRECISIONS,
-    RightSolver,
-    resolve_matmul_precision,
-)
+from mergekit_ace.kernels.linalg import RightSolver, resolve_matmul_precision
+from mergekit_ace.kernels.parameters import DROP_NOISE
 
-GATES = ("auto", "on", "off")
-GATE_STATISTICS = ("gamma", "log_spread")
-# Defaults: the scale-free choices (docs/benchmarks.md, "Scale-free defaults"); the paper's
-# method as published is eps=1e-5 (its value for LLMs), gate_statistic="gamma" (eq. 7).
-DEFAULT_EPS = "auto"
-DEFAULT_GATE_STATISTIC = "log_spread"
-PAPER_SETTINGS = {"eps": 1e-5, "gate_statistic": "gamma"}
 TOP_FRACTION = 0.05
-OOM_FALLBACKS = ("cpu", "error")
 # Share of the free GPU memory the estimated workspace may take. Measured on CPU the estimate
 # is within -14 %..+30 % of the true peak (docs/performance.md); it also ignores the
 # allocator's fragmentation and cuBLAS/cuSOLVER workspaces.
@@ -102,82 +97,28 @@ class AceDiagnostics:
         return asdict(self)
 
 
-def heterogeneity(energies: Sequence[float]) -> Optional[float]:
-    """``gamma = var(l) / (mean(l)^2 + 1e-12)``, ``l_t = log(e_t + 1e-12)`` (eq. 7, 43),
-    unbiased variance; ``None`` for fewer than two tasks."""
-    if len(energies) < 2:
-        return None
-    logs = [math.log(e + LOG_FLOOR) for e in energies]
-    mean = sum(logs) / len(logs)
-    var = sum((x - mean) ** 2 for x in logs) / (len(logs) - 1)
-    return var / (mean * mean + LOG_FLOOR)
-
-
-def log_spread(energies: Sequence[float]) -> Optional[float]:
-    """Unit-free heterogeneity: the unbiased standard deviation of ``log10 e_t``.
-
-    Rescaling every task vector shifts all logs equally, so the value does not change
-    (the paper's ``gamma`` divides by ``mean(l)^2``, which does). 0.3 means the energies
-    typically differ by a factor of two. ``None`` for fewer than two tasks.
-    """
-    if len(energies) < 2:
-        return None
-    logs = [math.log10(e) for e in energies]
-    mean = sum(logs) / len(logs)
-    return math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
-
-
-def choose_branch(statistic: Optional[float], tau: float, gate: str) -> bool:
-    """True for the heterogeneous branch: ``statistic > tau`` under ``gate="auto"``."""
-    if gate == "on":
-        return True
-    if gate == "off" or statistic is None:
-        return False
-    return statistic > tau
-
-
-def validate_ace_parameters(
-    *, eps, tau: float, gate: str, k_frac: float, lam: float,
-    gate_statistic: str = DEFAULT_GATE_STATISTIC,
-) -> None:
-    if eps != "auto" and (isinstance(eps, str) or not (eps >= 0.0) or math.isinf(eps)):
-        raise ValueError(f"eps must be a finite number >= 0 or 'auto', got {eps!r}")
-    if not (tau >= 0.0):
-        raise ValueError(f"tau must be >= 0, got {tau}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
-    if gate_statistic not in GATE_STATISTICS:
-        raise ValueError(
-            f"gate_statistic must be one of {', '.join(GATE_STATISTICS)}, got {gate_statistic!r}"
-        )
-    if not (0.0 <= k_frac <= 1.0):
-        raise ValueError(f"k_frac must be in [0, 1], got {k_frac}")
-    if not math.isfinite(lam):
-        raise ValueError(f"lambda must be finite, got {lam}")
-
-
 def ace_merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
     weights: Optional[Sequence[float]] = None,
-    eps: Union[float, str] = DEFAULT_EPS,
-    tau: float = 0.3,
-    gate: str = "auto",
-    gate_statistic: str = DEFAULT_GATE_STATISTIC,
-    refine: bool = True,
-    k_frac: float = 0.3,
-    prior: bool = True,
+    eps: Union[float, str] = ACE_DEFAULTS["eps"],
+    tau: float = ACE_DEFAULTS["tau"],
+    gate: str = ACE_DEFAULTS["gate"],
+    gate_statistic: str = ACE_DEFAULTS["gate_statistic"],
+    refine: bool = ACE_DEFAULTS["refine"],
+    k_frac: float = ACE_DEFAULTS["k_frac"],
+    prior: bool = ACE_DEFAULTS["prior"],
     lam: float = 1.0,
     compute_dtype: Optional[torch.dtype] = None,
     out_dtype: Optional[torch.dtype] = None,
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
     spectra: bool = False,
-    oom_fallback: str = "cpu",
+    oom_fallback: str = ACE_DEFAULTS["oom_fallback"],
     free_device_bytes: Optional[int] = None,
-    matmul_precision: str = "auto",
-    drop_noise: bool = True,
+    matmul_precision: str = ACE_DEFAULTS["matmul_precision"],
+    drop_noise: bool = DROP_NOISE.default,
 ) -> tuple[torch.Tensor, AceDiagnostics]:
     """Merge one tensor with ACE; returns ``(W0 + lam * W, diagnostics)``.
 
@@ -211,18 +152,12 @@ def ace_merge(
     expert would get the same vote as a real one.
     """
     call = dict(locals())  # this call's arguments, for the CPU fallback's re-call
-    validate_ace_parameters(
-        eps=eps, tau=tau, gate=gate, k_frac=k_frac, lam=lam, gate_statistic=gate_statistic
-    )
-    if matmul_precision not in MATMUL_PRECISIONS:
-        raise ValueError(
-            f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, "
-            f"got {matmul_precision!r}"
-        )
-    if oom_fallback not in OOM_FALLBACKS:
-        raise ValueError(
-            f"oom_fallback must be one of {', '.join(OOM_FALLBACKS)}, got {oom_fallback!r}"
-        )
+    (eps, tau, gate, gate_statistic, refine, k_frac, prior, lam, oom_fallback, matmul_precision,
+     drop_noise) = validate_ace_parameters(
+        eps=eps, tau=tau, gate=gate, gate_statistic=gate_statistic, refine=refine, k_frac=k_frac,
+        prior=prior, lam=lam, oom_fallback=oom_fallback, matmul_precision=matmul_precision,
+        drop_noise=drop_noise,
+    ).values()
     w_all, dtype, out_dtype = prepare(
         base, experts, weights, compute_dtype=compute_dtype, out_dtype=out_dtype,
         tensor_name=tensor_name, expert_names=expert_names,
@@ -261,11 +196,9 @@ def ace_merge(
         diag.branch = "mean"
         return finish(tv.base, weighted_mean_delta(tv), lam, out_dtype, tensor_name), diag
 
-    diag.gamma = heterogeneity(scan.energies)
-    diag.log_spread = log_spread(scan.energies)
-    statistic = diag.gamma if gate_statistic == "gamma" else diag.log_spread
-    heterogeneous = choose_branch(statistic, tau, gate)
-    diag.branch = "heterogeneous" if heterogeneous else "homogeneous"
+    decision = predict_branch(2, scan.energies, tau=tau, gate=gate, gate_statistic=gate_statistic)
+    diag.branch, diag.gamma, diag.log_spread = decision.branch, decision.gamma, decision.log_spread
+    heterogeneous = decision.heterogeneous
     m, n = base.shape
     diag.k = math.floor(min(m, n) * k_frac) if heterogeneous and refine else 0
     plan = plan_workspace((m, n), torch.finfo(dtype).bits // 8, diag.k, spectra=spectra,

@@ -2,7 +2,7 @@
 
 Hameed, Tam, Tikeng Notsawo, Raffel, Rabusseau, "Model Merging via Data-Free Covariance
 Estimation", 2026, arXiv 2604.01329 (https://arxiv.org/abs/2604.01329); restated in
-``shared/spec/actmat.md`` as the authors' released implementation computes it.
+``docs/family.md`` as the authors' released implementation computes it.
 
 Per 2-D tensor ``[m, n]`` with task vectors ``D_t = W_t - W0`` and Gram matrices
 ``G_t = D_t^T D_t`` (RegMean's input covariance, estimated from the difference matrix):
@@ -20,7 +20,7 @@ Two equivalent forms, the smaller one runs (``ActMatDiagnostics.form``):
 * ``"tasks"`` (``T m < n``): stacking ``D~ = [sqrt(w_1) D_1; ...; sqrt(w_T) D_T]``
   (``[T m, n]``), ``sum_t w_t G_t = D~^T D~`` and ``D~ (D~^T D~)^+ = (D~ D~^T)^+ D~`` give
   ``D* = H (D~ D~^T)^+ D~`` with ``H = [sqrt(w_1) D_1 D_1^T, ..., sqrt(w_T) D_T D_T^T]``,
-  a ``[T m, T m]`` pseudo-inverse (the spec's "Cost" paragraph, with weights).
+  a ``[T m, T m]`` pseudo-inverse (docs/family.md, "ACTMat", with weights).
 
 The pseudo-inverse is never formed: the symmetric PSD Gram is diagonalized (``eigh``) and
 eigenvalues at or below ``rtol * lambda_max`` are treated as zero (the same cutoff in both

@@ -55,21 +55,37 @@ def check_inputs(
     where = f"tensor {tensor_name!r}" if tensor_name else "this tensor"
     if not experts:
         raise MergeInputError(f"{where}: no expert models to merge; list at least one under `models:`.")
+    check_shapes(base.shape, [t.shape for t in experts], tensor_name=tensor_name,
+                 expert_names=expert_names)
     for label, tensor in [(base_name or "the base model", base)] + [
         (_label(expert_names, i, f"expert #{i}"), t) for i, t in enumerate(experts)
     ]:
-        if tensor.shape != base.shape:
-            raise MergeInputError(
-                f"{where}: model {label} has shape {tuple(tensor.shape)} but the base model has "
-                f"{tuple(base.shape)}; merge only fine-tunes of the same base (for differing "
-                "vocabularies add a `tokenizer:` section so mergekit aligns embedding rows)."
-            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise MergeInputError(
                 f"{where}: model {label} contains {bad} non-finite value(s) (NaN or Inf); "
                 "the checkpoint is corrupt or was saved after a diverged run. Re-export it, or "
                 "drop it from the merge."
+            )
+
+
+def check_shapes(
+    base_shape: Sequence[int],
+    expert_shapes: Sequence[Sequence[int]],
+    *,
+    tensor_name: Optional[str] = None,
+    expert_names: Optional[Sequence[str]] = None,
+) -> None:
+    """Refuse an expert tensor whose shape differs from the base's, naming the model (also
+    usable on shapes read from checkpoint headers, before any tensor is loaded)."""
+    where = f"tensor {tensor_name!r}" if tensor_name else "this tensor"
+    for i, shape in enumerate(expert_shapes):
+        if tuple(shape) != tuple(base_shape):
+            raise MergeInputError(
+                f"{where}: model {_label(expert_names, i, f'expert #{i}')} has shape "
+                f"{tuple(shape)} but the base model has {tuple(base_shape)}; merge only "
+                "fine-tunes of the same base (for differing vocabularies add a `tokenizer:` "
+                "section so mergekit aligns embedding rows)."
             )
 
 
@@ -125,9 +141,9 @@ class TaskVectors:
     """Task vectors of the experts that take part in this tensor's merge.
 
     ``indices`` points back into the caller's expert list; ``weights`` are renormalized to
-    mean one over the participants (spec: "Per-model weight"), so equal weights are all ones.
-    ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64. ``noise``
-    lists the experts (input indices) whose task vector is storage noise
+    mean one over the participants (docs/method.md, "Per-model weight"), so equal weights are
+    all ones. ``energies`` are ``||tau_t||_F^2`` of the participants (eq. 7), in float64.
+    ``noise`` lists the experts (input indices) whose task vector is storage noise
     (:func:`storage_noise`), whether or not they were left out.
     """
 
@@ -261,8 +277,8 @@ def task_vectors(
     expert_names: Optional[Sequence[str]] = None,
 ) -> TaskVectors:
     """``tau_t = W_t - W0`` in ``dtype``, dropping experts whose weight is 0 or that left
-    this tensor unchanged (spec, Decisions: a zero task vector must not join the system),
-    and, with ``drop_noise``, those whose task vector is storage noise
+    this tensor unchanged (docs/method.md, "Decisions": a zero task vector must not join the
+    system), and, with ``drop_noise``, those whose task vector is storage noise
     (:func:`storage_noise`; such experts are logged either way)."""
     base_c = base.to(dtype)
     base_norm: Optional[float] = None

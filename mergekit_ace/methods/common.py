@@ -4,7 +4,7 @@ messages naming the parameter, the base-model contract, and the call into a pure
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from pydantic import PlainValidator
@@ -20,97 +20,47 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-
-def _number_check(name: str, low: float, high: float, what: str) -> Callable[[Any], float]:
-    def validate(value: Any) -> float:
-        if isinstance(value, bool):
-            raise ValueError(f"parameter `{name}` must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"parameter `{name}` must be a number, got {value!r}") from None
-        if not (low <= number <= high) or math.isnan(number) or math.isinf(number):
-            raise ValueError(f"parameter `{name}` must be {what}, got {value!r}")
-        return number
-
-    return validate
+from mergekit_ace.kernels.parameters import (
+    DROP_NOISE,
+    LAMBDA,
+    WEIGHT,
+    Parameter,
+    number,
+    number_or_word,
+)
 
 
 def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str = "") -> Any:
-    return Annotated[float, PlainValidator(_number_check(name, low, high, what))]
+    return Annotated[float, PlainValidator(number(name, low, high, what))]
 
 
-def _number_or_word(
-    name: str, word: str, low: float = -math.inf, what: str = "", high: float = math.inf
-) -> Any:
-    number = _number_check(name, low, high, what)
-
-    def validate(value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == word:
-            return word
-        try:
-            return number(value)
-        except ValueError:
-            raise ValueError(
-                f"parameter `{name}` must be {what} or {word!r}, got {value!r}"
-            ) from None
-
-    return Annotated[Any, PlainValidator(validate)]
-
-
-def _boolean(name: str) -> Any:
-    words = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}
-
-    def validate(value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in words:
-            return words[value.strip().lower()]
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"parameter `{name}` must be true or false, got {value!r}")
-
-    return Annotated[bool, PlainValidator(validate)]
-
-
-def _choice(name: str, choices: Sequence[str], booleans: Optional[Dict[bool, str]] = None) -> Any:
-    def validate(value: Any) -> str:
-        if isinstance(value, bool) and booleans:
-            return booleans[value]
-        if isinstance(value, str) and value.strip().lower() in choices:
-            return value.strip().lower()
-        raise ValueError(
-            f"parameter `{name}` must be one of {', '.join(choices)}, got {value!r}"
-        )
-
-    return Annotated[str, PlainValidator(validate)]
+def _number_or_word(name: str, word: str, low: float = -math.inf, what: str = "",
+                    high: float = math.inf) -> Any:
+    return Annotated[Any, PlainValidator(number_or_word(name, word, low, what, high))]
 
 
 def shared(name: str, value_type: Any, default: Any, description: str) -> ParameterSpec:
     return ParameterSpec(name, value_type, ParameterScope.SHARED, default=default, description=description)
 
 
+def parameter_spec(parameter: Parameter, scope: ParameterScope = ParameterScope.SHARED) -> ParameterSpec:
+    """The mergekit ``ParameterSpec`` of a kernel-layer :class:`Parameter`: same default,
+    same check (so the same error message), same description."""
+    return ParameterSpec(parameter.name, Annotated[Any, PlainValidator(parameter.check)], scope,
+                         default=parameter.default, description=parameter.description)
+
+
 def lambda_parameter() -> ParameterSpec:
-    return shared("lambda", _number("lambda", what="a finite number"), 1.0,
-                  "scale of the merged task vector")
+    return parameter_spec(LAMBDA)
 
 
 def drop_noise_parameter() -> ParameterSpec:
     """Shared by every method of this package (``KernelMergeMethod`` adds it)."""
-    return shared("drop_noise", _boolean("drop_noise"), True,
-                  "leave out experts whose task vector for a tensor is storage noise (the "
-                  "expert equals the base rounded to its storage precision)")
+    return parameter_spec(DROP_NOISE)
 
 
 def weight_parameter() -> ParameterSpec:
-    return ParameterSpec(
-        "weight",
-        _number("weight", 0.0, math.inf, ">= 0 (0 leaves the model out)"),
-        ParameterScope.NON_BASE,
-        default=1.0,
-        description="task weight in the merge objective; only ratios matter",
-    )
+    return parameter_spec(WEIGHT, ParameterScope.NON_BASE)
 
 
 def base_required_contract() -> InputContract:

@@ -1,6 +1,9 @@
-"""PNG plots of an :class:`~mergekit_ace.inspect.InspectReport` (matplotlib, Agg backend).
+"""PNG plots of an :class:`~mergekit_ace.inspect.report.InspectReport` (matplotlib, Agg
+backend).
 
-matplotlib is optional (the ``plots`` extra); :func:`require_matplotlib` says how to get it.
+matplotlib is optional (the ``plots`` extra): :func:`plots_available` says whether it is
+installed, :data:`PLOTS_HINT` how to get it, and :func:`require_matplotlib` raises
+:class:`MissingPlotDependency` with that hint.
 """
 
 from __future__ import annotations
@@ -8,6 +11,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from mergekit_ace.inspect.report import CURVE_FRACTIONS
+from mergekit_ace.inspect.summary import human_seconds
+
+PLOTS_HINT = 'the plots need matplotlib: pip install "mergekit-ace[plots]"'
 
 BRANCH_COLOURS = {
     "heterogeneous": "#d95f02",
@@ -28,15 +36,21 @@ class MissingPlotDependency(RuntimeError):
     pass
 
 
+def plots_available() -> bool:
+    """Whether matplotlib can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def require_matplotlib():
     """Import matplotlib with the non-interactive Agg backend, or explain how to install it."""
     try:
         import matplotlib
     except ImportError:
-        raise MissingPlotDependency(
-            "the plots need matplotlib, which is not installed: "
-            "pip install 'mergekit-ace[plots]' (or pass --no-plots for the table only)"
-        ) from None
+        raise MissingPlotDependency(f"{PLOTS_HINT} (it is not installed)") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -215,8 +229,6 @@ def plot_concentration(report, path: Path) -> Optional[str]:
     against the fraction of singular directions (log scale), for W_pre (left) and the final W
     (right); per module type the median over its tensors, with the range shaded."""
     plt = require_matplotlib()
-    from mergekit_ace.inspect import CURVE_FRACTIONS
-
     rows = [r for r in report.rows if r.spectrum_pre]
     if not rows:
         return None
@@ -286,8 +298,6 @@ def plot_cost(report, path: Path) -> Optional[str]:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
-    from mergekit_ace.inspect import human_seconds
-
     total = sum(v[0] for v in totals.values())
     fig.suptitle(f"Cost by module type (total {human_seconds(total)} estimated)", fontsize=11)
     fig.tight_layout()
