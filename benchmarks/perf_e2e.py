@@ -10,6 +10,7 @@ deleted at the end unless ``--keep``.
     python benchmarks/perf_e2e.py --layers 2 --experts 3 --out benchmarks/runs/e2e_cpu.jsonl
     python benchmarks/perf_e2e.py --preset tiny --flags=";--low-cpu-memory;--lazy-unpickle"
     python benchmarks/perf_e2e.py --flags="--cuda;--cuda --read-to-gpu;--cuda --multi-gpu"
+    python benchmarks/perf_e2e.py --base BASE --models E1 E2 E3 --dtype float32 --repeat 2
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def build(preset, layers, n_experts, rank=16, device="cpu"):
     return base_dir, dirs
 
 
-def write_yaml(path, method, base_dir, expert_dirs):
-    lines = [f"merge_method: {method}", f"base_model: {base_dir}", "dtype: bfloat16", "models:"]
+def write_yaml(path, method, base_dir, expert_dirs, dtype="bfloat16"):
+    lines = [f"merge_method: {method}", f"base_model: {base_dir}", f"dtype: {dtype}", "models:"]
     for d in expert_dirs:
         lines += [f"  - model: {d}", "    parameters:", "      weight: 1.0"]
     if method == "task_arithmetic":
@@ -204,11 +205,21 @@ def main(argv=None):
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     p.add_argument("--gen-device", default="cpu", help="where the random checkpoints are drawn")
+    p.add_argument("--base", help="merge these real checkpoints instead: the base model ...")
+    p.add_argument("--models", nargs="+", help="... and the experts (with --base)")
+    p.add_argument("--dtype", default="bfloat16", help="the merge's dtype: in the configs")
     args = p.parse_args(argv)
     flag_sets = [f.strip() for f in args.flags.split(";")]
     gpu = any("--cuda" in f or "--gpu" in f for f in flag_sets)
-    base_dir, expert_dirs = build(args.preset, args.layers, args.experts, device=args.gen_device)
-    root = base_dir.parent
+    if args.base:
+        base_dir, expert_dirs = Path(args.base), [Path(m) for m in args.models]
+        args.experts, args.keep = len(expert_dirs), True
+        root = CACHE / "real"
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        base_dir, expert_dirs = build(args.preset, args.layers, args.experts,
+                                      device=args.gen_device)
+        root = base_dir.parent
     out = open(args.out, "a") if args.out else None
     try:
         for flags in flag_sets:
@@ -216,9 +227,9 @@ def main(argv=None):
             for rep in range(args.repeat):
                 for method in args.methods:  # interleaved
                     config = root / f"{method}-T{args.experts}.yml"
-                    write_yaml(config, method, base_dir, expert_dirs[: args.experts])
+                    write_yaml(config, method, base_dir, expert_dirs[: args.experts], args.dtype)
                     r = run_merge(config, root / "merged", flags, gpu=gpu)
-                    r.update(method=method, flags=flags, preset=args.preset, layers=args.layers,
+                    r.update(method=method, flags=flags, preset="real" if args.base else args.preset, layers=args.layers,
                              experts=args.experts, rep=rep,
                              checkpoint_bytes=(base_dir / "model.safetensors").stat().st_size)
                     times.setdefault(method, []).append(r["seconds"])

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended: an older kernel on PYTHONPATH stays first
 
 from benchmarks.perf_kernel import DISTINCT, LLAMA3_8B, make_inputs  # noqa: E402
-from mergekit_ace.kernels.ace import ace_merge  # noqa: E402
+from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost  # noqa: E402
 
 
 def _sync(device):
@@ -83,14 +83,24 @@ def kernel(args):
                         if args.device == "cuda":
                             peak = max(peak, torch.cuda.max_memory_allocated() - before)
                         del out
+                    est = _estimate(shape, T, diag)
                     _emit(args.out, {
-                        "kind": "kernel", "label": args.label, "tensor": name,
+                        "kind": "kernel", "label": args.label, "tensor": name, "est_bytes": est,
                         "shape": list(shape), "T": T, "gate": gate, "precision": precision,
                         "matmul": getattr(diag, "matmul", None), "branch": diag.branch,
                         "spectral": diag.spectral, "seconds": best, "peak_bytes": peak,
                         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     })
             del base, experts
+
+
+def _estimate(shape, T, diag):
+    """This checkout's estimate for the plan the call took (None for an older kernel)."""
+    try:
+        return estimate_ace_cost(shape, T, 4, refine=bool(diag.k),
+                                 matmul=getattr(diag, "matmul", None) or "float32")["bytes"]
+    except TypeError:
+        return None
 
 
 def accuracy(args):
