@@ -1,0 +1,180 @@
+"""Every place where mergekit-ace reaches into mergekit beyond its public API.
+
+mergekit (``>=0.1.5,<0.2``) has no plugin interface: methods are registered in a module-level
+registry, the merge is planned by :class:`mergekit.plan.MergePlanner` and written by
+:func:`mergekit.merge.run_merge`, which also writes the model card. This module is the only
+one that touches private names of those modules; ``tests/test_compat.py`` checks that each of
+them still exists and behaves as used here, so a mergekit release that changes one fails
+there, loudly, instead of silently somewhere else.
+
+Public functions are used where mergekit has them (``registry.get``, ``register``,
+``registered_methods``). Nothing here imports ``mergekit.plan`` or ``mergekit.merge`` at
+module level: the start-up hook calls :func:`patch_loaded` right after each of them has loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from mergekit.merge_methods.base import MergeMethod
+
+PLANNER_MODULE = "mergekit.plan"
+MERGE_MODULE = "mergekit.merge"
+REGISTRY_MODULE = "mergekit.merge_methods.registry"
+
+# The private names used below, per module (tests/test_compat.py checks each one).
+INTERNALS = {
+    REGISTRY_MODULE: ("_METHODS",),
+    PLANNER_MODULE: ("MergePlanner._plan", "MergePlanner._tensors"),
+    MERGE_MODULE: ("_model_out_config", "generate_card", "run_merge"),
+}
+
+
+# --- the method registry ---------------------------------------------------------------
+
+
+def registered_method(name: str) -> Optional["MergeMethod"]:
+    """The method registered under ``name``, or None."""
+    from mergekit.merge_methods import registry
+
+    return next((m for m in registry.registered_methods() if m.spec.name == name), None)
+
+
+def register_method(method: "MergeMethod") -> None:
+    from mergekit.merge_methods import registry
+
+    registry.register(method)
+
+
+def unregister_method(name: str) -> Optional["MergeMethod"]:
+    """Remove ``name`` from the registry (mergekit has no public way); returns what was there."""
+    from mergekit.merge_methods import registry
+
+    return registry._METHODS.pop(name, None)
+
+
+@contextlib.contextmanager
+def method_registered_as(method: "MergeMethod") -> Iterator["MergeMethod"]:
+    """Register ``method`` under its name for the duration of the block, replacing whatever is
+    registered there, and restore the previous state afterwards."""
+    from mergekit.merge_methods import registry
+
+    name = method.spec.name
+    previous = registry._METHODS.get(name)
+    registry._METHODS[name] = method
+    try:
+        yield method
+    finally:
+        if previous is None:
+            registry._METHODS.pop(name, None)
+        else:
+            registry._METHODS[name] = previous
+
+
+# --- planning without executing --------------------------------------------------------
+
+
+def model_out_config(config: Any, arch_info: Any, trust_remote_code: bool = False) -> Any:
+    """The output model's ``transformers`` config, as ``run_merge`` builds it."""
+    from mergekit.merge import _model_out_config
+
+    return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+
+def plan_tensors(planner: Any) -> List[Tuple[Any, Any]]:
+    """Plan the merge (normalize the config, one merge task per output tensor) without the
+    writer or ``ReturnTensor`` wrappers; returns ``[(WeightInfo, merge task), ...]``."""
+    planner._plan()
+    return list(planner._tensors)
+
+
+# --- hooks: a config check before planning, and the model card --------------------------
+
+_config_checks: List[Callable[[Any], None]] = []
+_card_extensions: List[Callable[[Any, str], str]] = []
+# Set while run_merge runs, so the planner does not check the same config a second time.
+_checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
+
+
+def on_config(check: Callable[[Any], None]) -> None:
+    """Call ``check(merge_configuration)`` at the start of every ``run_merge`` and every
+    ``MergePlanner`` planning (once per merge), before any model is read."""
+    if check not in _config_checks:
+        _config_checks.append(check)
+
+
+def on_card(extend: Callable[[Any, str], str]) -> None:
+    """Let ``extend(merge_configuration, card_markdown)`` rewrite the card that ``run_merge``
+    writes as README.md."""
+    if extend not in _card_extensions:
+        _card_extensions.append(extend)
+
+
+def _run_checks(config: Any) -> None:
+    for check in _config_checks:
+        check(config)
+
+
+def _patch_planner(module: Any) -> None:
+    planner = module.MergePlanner
+    original = planner._plan
+    if getattr(original, "_mergekit_ace", False):
+        return
+
+    @functools.wraps(original)
+    def _plan(self, *args, **kwargs):
+        if not _checked.get():
+            _run_checks(self.config)
+        return original(self, *args, **kwargs)
+
+    _plan._mergekit_ace = True
+    planner._plan = _plan
+
+
+def _patch_merge(module: Any) -> None:
+    original_run = module.run_merge
+    if getattr(original_run, "_mergekit_ace", False):
+        return
+
+    @functools.wraps(original_run)
+    def run_merge(merge_config, *args, **kwargs):
+        _run_checks(merge_config)
+        token = _checked.set(True)
+        try:
+            return original_run(merge_config, *args, **kwargs)
+        finally:
+            _checked.reset(token)
+
+    original_card = module.generate_card
+
+    @functools.wraps(original_card)
+    def generate_card(config, *args, **kwargs):
+        card = original_card(config, *args, **kwargs)
+        for extend in _card_extensions:
+            card = extend(config, card)
+        return card
+
+    run_merge._mergekit_ace = True
+    module.run_merge = run_merge
+    module.generate_card = generate_card
+
+
+_PATCHES = {PLANNER_MODULE: _patch_planner, MERGE_MODULE: _patch_merge}
+PATCHED_MODULES = tuple(_PATCHES)
+
+
+def patch_loaded(name: str) -> bool:
+    """Install the hooks into module ``name`` if it has finished loading; returns whether it
+    is patched. Idempotent."""
+    module = sys.modules.get(name)
+    # the last name each module defines: present once its import has finished
+    last = {PLANNER_MODULE: "MergePlanner", MERGE_MODULE: "__all__"}[name]
+    if module is None or not hasattr(module, last):
+        return False  # not imported yet, or being imported: the start-up hook patches it
+    _PATCHES[name](module)
+    return True

@@ -1,0 +1,132 @@
+"""The mergekit internals that mergekit_ace.compat relies on still exist and behave as used.
+
+mergekit has no plugin API; if a release within the supported range (``>=0.1.5,<0.2``)
+renames or reshapes one of these, this file fails first and names it.
+"""
+
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import mergekit_ace  # noqa: F401  (registers the methods, installs the hooks)
+from mergekit_ace import compat
+from tests.tiny_models import EXPERT_SCALES, model_list
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module, names", sorted(compat.INTERNALS.items()))
+def test_every_internal_name_exists(module, names):
+    loaded = importlib.import_module(module)
+    for dotted in names:
+        owner = loaded
+        for part in dotted.split("."):
+            assert hasattr(owner, part) or part in getattr(owner, "__annotations__", {}), (
+                f"mergekit {module} no longer has {dotted}: update mergekit_ace/compat.py")
+            owner = getattr(owner, part, None)
+
+
+def test_registry_dict_is_what_the_public_functions_read():
+    from mergekit.merge_methods import registry
+
+    assert isinstance(registry._METHODS, dict)
+    assert tuple(registry._METHODS.values()) == registry.registered_methods()
+    assert compat.registered_method("ace") is registry.get("ace") is registry._METHODS["ace"]
+    assert compat.registered_method("no_such_method") is None
+
+
+def test_method_registered_as_swaps_and_restores():
+    from mergekit.merge_methods import registry
+    from mergekit_ace.methods.ace import ace_method
+
+    original = registry.get("ace")
+    replacement = ace_method()
+    with compat.method_registered_as(replacement):
+        assert registry.get("ace") is replacement
+    assert registry.get("ace") is original
+    fresh = ace_method()
+    fresh.spec = type(fresh.spec)(**{**fresh.spec.__dict__, "name": "ace_compat_test"})
+    with compat.method_registered_as(fresh):
+        assert registry.get("ace_compat_test") is fresh
+    assert compat.registered_method("ace_compat_test") is None
+    # unregister_method removes and returns; register_method puts back
+    assert compat.unregister_method("ace") is original
+    with pytest.raises(RuntimeError):
+        registry.get("ace")
+    compat.register_method(original)
+    assert registry.get("ace") is original
+
+
+def test_signatures_used_by_compat():
+    from mergekit import merge, plan
+
+    assert list(inspect.signature(plan.MergePlanner._plan).parameters) == ["self"]
+    assert list(inspect.signature(merge._model_out_config).parameters) == [
+        "config", "arch_info", "trust_remote_code"]
+    run_params = list(inspect.signature(merge.run_merge).parameters)
+    assert run_params[:3] == ["merge_config", "out_path", "options"]
+    assert list(inspect.signature(merge.generate_card).parameters)[:3] == [
+        "config", "config_yaml", "name"]
+    # run_merge looks generate_card up in its module's globals (what the card hook replaces)
+    source = inspect.getsource(inspect.unwrap(merge.run_merge))
+    assert "generate_card(" in source and "MergePlanner(" in source
+
+
+def test_plan_tensors_yields_one_merge_task_per_output_tensor(tiny_family):
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+    from tests.tiny_models import load_state
+
+    config = MergeConfiguration.model_validate({
+        "merge_method": "ace", "base_model": str(tiny_family["base"]),
+        "models": model_list(tiny_family, list(EXPERT_SCALES))})
+    options = MergeOptions()
+    arch = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = compat.model_out_config(config, arch)
+    assert out_config.num_hidden_layers == 2
+    planned = compat.plan_tensors(MergePlanner(config, arch, options=options, out_model_config=out_config))
+    names = [weight.name for weight, _ in planned]
+    assert sorted(names) == sorted(load_state(tiny_family["base"]))
+    assert all(isinstance(task, ExecuteMergeMethodTask) and task.method_name == "ace"
+               for _, task in planned)
+
+
+def test_fresh_process_has_the_hooks_without_importing_mergekit_ace():
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        import mergekit.merge, mergekit.plan
+        from mergekit.scripts import run_yaml, multimerge
+        from mergekit_ace import compat
+        print(all(getattr(f, "_mergekit_ace", False) for f in (
+            mergekit.merge.run_merge, mergekit.plan.MergePlanner._plan,
+            run_yaml.run_merge, multimerge.run_merge)))
+        """)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "True"
+
+
+def test_pyproject_accepts_the_installed_mergekit_range():
+    from importlib.metadata import version
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"mergekit>=0.1.5,<0.2"' in text
+    major, minor, patch = (int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", version("mergekit")).groups())
+    assert (0, 1, 5) <= (major, minor, patch) < (0, 2, 0)
+
+
+def test_only_compat_touches_mergekit_private_names():
+    private = re.compile(r"\b(_METHODS|_plan\(|_tensors\b|_model_out_config)")
+    offenders = [p.relative_to(ROOT).as_posix() for p in (ROOT / "mergekit_ace").rglob("*.py")
+                 if p.name != "compat.py" and private.search(p.read_text())]
+    assert offenders == [] or offenders == ["mergekit_ace/inspect.py"], offenders
