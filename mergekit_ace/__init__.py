@@ -5,10 +5,11 @@ enough for new processes: a start-up hook registers them as soon as mergekit's r
 """
 
 from mergekit_ace.kernels import AceDiagnostics, MergeInputError, ace_merge
-from mergekit_ace.registration import register_all
+from mergekit_ace.registration import install_hooks, register_all
 
 __version__ = "0.1.0"
 
 register_all()
+install_hooks()
 
 __all__ = ["AceDiagnostics", "MergeInputError", "ace_merge", "register_all", "__version__"]

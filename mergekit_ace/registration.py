@@ -1,8 +1,10 @@
-"""Registration of this package's methods in mergekit's registry, idempotent and safe.
+"""Registration of this package's methods in mergekit's registry, idempotent and safe, and
+the hooks that check configurations and extend the model card.
 
-Called by ``import mergekit_ace`` and by the start-up hook right after mergekit's registry
-module has loaded. A name that mergekit (or anything else) already registered is left alone
-with a warning, so a future mergekit that ships its own ``ace`` keeps working.
+Called by ``import mergekit_ace`` and by the start-up hook right after mergekit's registry,
+planner and merge modules have loaded. A name that mergekit (or anything else) already
+registered is left alone with a warning, so a future mergekit that ships its own ``ace`` keeps
+working.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ _OURS: Dict[str, "MergeMethod"] = {}
 def register_all() -> List[str]:
     """Register every method of this package not yet in mergekit's registry; returns the
     names that are ours after the call."""
-    from mergekit.merge_methods import registry
+    from mergekit_ace import compat
 
     for name in METHODS:
-        current = registry._METHODS.get(name)
+        current = compat.registered_method(name)
         if current is not None:
             if current is not _OURS.get(name):
                 LOG.warning(
@@ -53,9 +55,45 @@ def register_all() -> List[str]:
                 )
             continue
         method = _OURS.get(name) or _build(name)
-        registry.register(method)
+        compat.register_method(method)
         _OURS[name] = method
-    return [name for name, method in _OURS.items() if registry._METHODS.get(name) is method]
+    return [name for name, method in _OURS.items() if compat.registered_method(name) is method]
+
+
+def is_ours(name: str) -> bool:
+    """Whether merge method ``name`` is this package's registered method."""
+    from mergekit_ace import compat
+
+    method = _OURS.get(name)
+    return method is not None and compat.registered_method(name) is method
+
+
+def install_hooks() -> None:
+    """Check every merge configuration before planning (unknown parameters) and credit this
+    package's methods on the model card; idempotent."""
+    from mergekit_ace import card, compat, config_check
+
+    compat.on_config(config_check.warn_ineffective_parameters)
+    compat.on_card(card.extend_card)
+    pending = [name for name in compat.PATCHED_MODULES if not compat.patch_loaded(name)]
+    if pending:
+        try:
+            import _mergekit_ace_autoload  # installed beside the package
+        except ImportError:  # a source tree on sys.path, not installed
+            LOG.warning("mergekit-ace is not installed; configuration checks and model-card "
+                        "credits need `pip install -e .`")
+            return
+        _mergekit_ace_autoload.install(pending)
+
+
+def after_import(module_name: str) -> None:
+    """Called by the start-up hook once ``module_name`` (a mergekit module) has loaded."""
+    from mergekit_ace import compat
+
+    if module_name == compat.REGISTRY_MODULE:
+        register_all()
+    else:
+        install_hooks()
 
 
 def our_method(name: str) -> "MergeMethod":

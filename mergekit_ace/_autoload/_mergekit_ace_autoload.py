@@ -2,19 +2,22 @@
 
 Python runs the ``.pth`` line in every new interpreter, so this module must stay cheap: it
 imports nothing beyond the standard library's import machinery and only installs a finder.
-When (and only when) ``mergekit.merge_methods.registry`` is first imported, the finder lets
-it load normally and then imports ``mergekit_ace``, which registers this package's methods.
+When (and only when) one of the mergekit modules below is first imported, the finder lets it
+load normally and then hands it to ``mergekit_ace.registration.after_import``: after the
+method registry, this package's methods are registered; after the planner and ``run_merge``,
+the configuration check and the model-card addition are hooked in.
 """
 
 import sys
 from importlib.machinery import PathFinder
 
-_TARGET = "mergekit.merge_methods.registry"
+TARGETS = ("mergekit.merge_methods.registry", "mergekit.plan", "mergekit.merge")
 
 
-class _RegisterAfterLoad:
-    def __init__(self, inner):
+class _AfterLoad:
+    def __init__(self, inner, fullname):
         self._inner = inner
+        self._fullname = fullname
 
     def create_module(self, spec):
         return self._inner.create_module(spec)
@@ -24,29 +27,37 @@ class _RegisterAfterLoad:
         try:
             import mergekit_ace.registration as registration
 
-            registration.register_all()
+            registration.after_import(self._fullname)
         except Exception as error:  # never break mergekit itself
             import warnings
 
-            warnings.warn(f"mergekit-ace could not register its merge methods: {error!r}")
+            warnings.warn(f"mergekit-ace could not hook into {self._fullname}: {error!r}")
 
 
-class _RegistryFinder:
+class _MergekitFinder:
+    def __init__(self, targets):
+        self.pending = set(targets)
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in self.pending:
             return None
-        sys.meta_path.remove(self)
+        self.pending.discard(fullname)
+        if not self.pending:
+            sys.meta_path.remove(self)
         spec = PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _RegisterAfterLoad(spec.loader)
+            spec.loader = _AfterLoad(spec.loader, fullname)
         return spec
 
 
-def install():
-    if _TARGET in sys.modules:
-        return
-    if not any(isinstance(finder, _RegistryFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegistryFinder())
+def install(targets=TARGETS):
+    """Watch the ``targets`` not imported yet (idempotent)."""
+    finder = next((f for f in sys.meta_path if isinstance(f, _MergekitFinder)), None)
+    missing = [name for name in targets if name not in sys.modules]
+    if finder is not None:
+        finder.pending.update(missing)
+    elif missing:
+        sys.meta_path.insert(0, _MergekitFinder(missing))
 
 
 install()

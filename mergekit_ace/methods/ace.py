@@ -17,6 +17,15 @@ from mergekit_ace.methods.common import (
 
 PRETTY_NAME = "ACE-Merging"
 REFERENCE_URL = "https://arxiv.org/abs/2603.02945"
+CITATION = """\
+@inproceedings{xu2026acemerging,
+  title         = {{ACE-Merging}: Data-Free Model Merging with Adaptive Covariance Estimation},
+  author        = {Xu, Bo and Wu, Haotian and Lin, Hehai and Huang, Weiquan and Zhu, Beier and Shu, Yao and Qin, Chengwei},
+  booktitle     = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year          = {2026},
+  eprint        = {2603.02945},
+  archivePrefix = {arXiv},
+}"""
 
 
 def ace_method() -> KernelMergeMethod:
@@ -24,6 +33,7 @@ def ace_method() -> KernelMergeMethod:
         name="ace",
         pretty_name=PRETTY_NAME,
         reference_url=REFERENCE_URL,
+        citation=CITATION,
         kernel=ace_merge,
         parameters=(
             *(parameter_spec(p) for p in ACE_PARAMETERS),

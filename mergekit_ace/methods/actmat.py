@@ -14,6 +14,15 @@ from mergekit_ace.methods.common import (
 
 PRETTY_NAME = "ACTMat"
 REFERENCE_URL = "https://arxiv.org/abs/2604.01329"
+CITATION = """\
+@misc{gamalabdelhameed2026actmat,
+  title         = {Model Merging via Data-Free Covariance Estimation},
+  author        = {Gamal Abdel Hameed, Marawan and Tam, Derek and Tikeng Notsawo, Pascal Jr and Raffel, Colin and Rabusseau, Guillaume},
+  year          = {2026},
+  eprint        = {2604.01329},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG},
+}"""
 
 
 def actmat_method() -> KernelMergeMethod:
@@ -21,6 +30,7 @@ def actmat_method() -> KernelMergeMethod:
         name="actmat",
         pretty_name=PRETTY_NAME,
         reference_url=REFERENCE_URL,
+        citation=CITATION,
         kernel=actmat_merge,
         parameters=(
             shared("rtol", _number_or_word("rtol", "auto", 0.0, "a number in [0, 1)", 1.0), DEFAULT_RTOL,

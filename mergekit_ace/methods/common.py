@@ -85,7 +85,9 @@ class KernelMergeMethod(GroupMergeMethod):
         parameters: Sequence[ParameterSpec],
         kernel: Callable[..., Tuple[torch.Tensor, Any]],
         parameter_map: Optional[Dict[str, str]] = None,
+        citation: str = "",
     ):
+        self.citation = citation  # BibTeX entry of the method's paper, for the model card
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,

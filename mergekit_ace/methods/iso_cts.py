@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.methods.common import KernelMergeMethod, _number, lambda_parameter, shared
+from mergekit_ace.methods.iso_c import CITATION  # one paper describes Iso-C and Iso-CTS
 
 PRETTY_NAME = "Iso-CTS"
 REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
@@ -15,6 +16,7 @@ def iso_cts_method() -> KernelMergeMethod:
         name="iso_cts",
         pretty_name=PRETTY_NAME,
         reference_url=REFERENCE_URL,
+        citation=CITATION,
         kernel=iso_cts_merge,
         parameters=(
             shared("common_space_fraction",

@@ -7,6 +7,16 @@ from mergekit_ace.methods.common import KernelMergeMethod, lambda_parameter
 
 PRETTY_NAME = "TSV-M (Task Singular Vectors)"
 REFERENCE_URL = "https://arxiv.org/abs/2412.00081"
+CITATION = """\
+@inproceedings{gargiulo2025tsv,
+  title         = {Task Singular Vectors: Reducing Task Interference in Model Merging},
+  author        = {Gargiulo, Antonio Andrea and Crisostomi, Donato and Bucarelli, Maria Sofia and Scardapane, Simone and Silvestri, Fabrizio and Rodol{\\`a}, Emanuele},
+  booktitle     = {Proceedings of the Computer Vision and Pattern Recognition Conference (CVPR)},
+  pages         = {18695--18705},
+  year          = {2025},
+  eprint        = {2412.00081},
+  archivePrefix = {arXiv},
+}"""
 
 
 def tsv_method() -> KernelMergeMethod:
@@ -14,6 +24,7 @@ def tsv_method() -> KernelMergeMethod:
         name="tsv",
         pretty_name=PRETTY_NAME,
         reference_url=REFERENCE_URL,
+        citation=CITATION,
         kernel=tsv_merge,
         parameters=(lambda_parameter(),),
     )
