@@ -87,7 +87,8 @@ def card_section(config: Any) -> str:
     if direct:
         lines.append(f"This model was merged with {_method_link(config.merge_method)}, which "
                      f"mergekit runs from the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) "
-                     "package. To merge it again, from the configuration above:")
+                     "package. To merge it again from the configuration above (after installing "
+                     "PyTorch for your platform):")
         lines += ["", "```sh", f"pip install mergekit=={mergekit_version} {PACKAGE}=={our_version}",
                   "mergekit-yaml mergekit_config.yml ./merged", "```", ""]
     for path, method, text in stages:

@@ -65,5 +65,43 @@ def inspect_command(config_file: str, out_dir: str, estimate_only: bool, no_plot
                    err=True)
 
 
+@main.command("check")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+def check_command(config_file: str) -> None:
+    """Check a merge config (for `mergekit-yaml`, or a multi-document `mergekit-multi` recipe)
+    for anything mergekit would silently ignore: parameters the merge method does not declare
+    (with the nearest valid name), shared parameters written under one model, per-model
+    parameters under the base model, misspelled configuration keys, an unknown merge_method.
+    Works for every registered method, mergekit's own included. Exits 1 when it finds
+    anything, 0 when the config is clean; reads no model."""
+    import yaml
+    from pydantic import ValidationError
+
+    import mergekit_ace  # noqa: F401  (registers the methods)
+    from mergekit_ace.config_check import check_document
+
+    with open(config_file, "r", encoding="utf-8") as fp:
+        try:
+            documents = [doc for doc in yaml.safe_load_all(fp) if doc is not None]
+        except yaml.YAMLError as error:
+            raise click.ClickException(f"{config_file} is not valid YAML: {error}") from None
+    findings = []
+    for index, document in enumerate(documents):
+        name = document.get("name") if isinstance(document, dict) else None
+        label = ""
+        if len(documents) > 1:
+            label = f"[{name if name is not None else f'document {index + 1}'}] "
+        try:
+            findings += check_document(document, label)
+        except (ValidationError, ValueError, RuntimeError) as error:
+            raise click.ClickException(f"{config_file}: {label}not a valid merge config: {error}")
+    for finding in findings:
+        click.echo(f"{config_file}: {finding.message}")
+    if findings:
+        click.echo(f"{len(findings)} finding(s); mergekit would ignore each of them.", err=True)
+        sys.exit(1)
+    click.echo(f"{config_file}: no ignored parameters or keys.")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,186 @@
+"""Parameters that a merge method would ignore are reported: by every run of this package's
+methods through the stock CLIs and ``run_merge`` (a warning before any checkpoint is read), and
+by ``mergekit-ace check`` for any config, mergekit's own methods included."""
+
+import logging
+import shutil
+import struct
+
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+
+from mergekit_ace.config_check import check_parameters
+from tests.tiny_models import (
+    EXPERT_SCALES,
+    load_state,
+    mergekit_yaml,
+    model_list,
+    run_cli,
+    write_config,
+)
+
+EXPERTS = list(EXPERT_SCALES)
+TYPOS = {"k_fraction": 0.5, "epsilon": [{"filter": "mlp", "value": 1.0e-3}, {"value": 1.0e-4}]}
+TIES_RECIPE = {"density": 0.5, "normalize": True, "int8_mask": True}
+EXPECTED_ACE = [
+    "`k_fraction` (global parameters) is not a parameter of `ace` and has no effect; did you mean `k_frac`?",
+    "`epsilon` (global parameters, filter `mlp`) is not a parameter of `ace` and has no effect; did you mean `eps`?",
+    "`density` (global parameters) is not a parameter of `ace` and has no effect (it is a parameter of task_arithmetic, ties",
+    "`normalize` (global parameters) is not a parameter of `ace`",
+    "`int8_mask` (global parameters) is not a parameter of `ace`",
+    "is not a parameter of `ace` and has no effect; did you mean `weight`?",  # wieght
+    "has no effect under a model: `ace` reads it once for all models",  # k_frac under a model
+]
+
+
+def dirty_ace(paths):
+    return {
+        "merge_method": "ace",
+        "base_model": str(paths["base"]),
+        "dtype": "float32",
+        "parameters": {**TYPOS, **TIES_RECIPE},
+        "models": model_list(paths, EXPERTS[:2], {EXPERTS[0]: {"wieght": 5, "k_frac": 0.2}}),
+    }
+
+
+def test_mergekit_yaml_warns_about_each_ignored_parameter(tiny_family, tmp_path):
+    cfg = write_config(tmp_path / "dirty.yml", dirty_ace(tiny_family))
+    result = mergekit_yaml(cfg, tmp_path / "out")
+    for expected in EXPECTED_ACE:
+        assert expected in result.stderr, expected
+    assert f"(model `{tiny_family[EXPERTS[0]]}`)" in result.stderr
+    # the output is still the default merge: the warning reports, it does not change the merge
+    clean = write_config(tmp_path / "clean.yml", {
+        "merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
+        "models": model_list(tiny_family, EXPERTS[:2])})
+    clean_result = mergekit_yaml(clean, tmp_path / "clean_out")
+    assert "has no effect" not in clean_result.stderr
+    dirty_state, clean_state = load_state(tmp_path / "out"), load_state(tmp_path / "clean_out")
+    assert all(torch.equal(dirty_state[k], clean_state[k]) for k in clean_state)
+
+
+def test_tsv_weight_under_a_model_is_reported(tiny_family, tmp_path):
+    cfg = write_config(tmp_path / "tsv.yml", {
+        "merge_method": "tsv", "base_model": str(tiny_family["base"]), "dtype": "float32",
+        "models": model_list(tiny_family, EXPERTS[:2], {EXPERTS[1]: {"weight": 0.3}})})
+    result = mergekit_yaml(cfg, tmp_path / "out")
+    assert (f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
+            "no effect (it is a parameter of") in result.stderr
+    assert "`tsv` takes: lambda." in result.stderr
+
+
+def test_warning_comes_before_any_checkpoint_is_read(tiny_family, tmp_path):
+    # an expert whose safetensors file holds a valid header but no tensor data: mergekit
+    # fails as soon as it opens it, and the warning must already be out
+    broken = tmp_path / "broken_expert"
+    shutil.copytree(tiny_family[EXPERTS[1]], broken)
+    shard = broken / "model.safetensors"
+    data = shard.read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]
+    shard.write_bytes(data[: 8 + header] + b"\0" * 16)
+    cfg = write_config(tmp_path / "typo.yml", {
+        "merge_method": "ace", "base_model": str(tiny_family["base"]),
+        "parameters": {"k_fraction": 0.5},
+        "models": [{"model": str(tiny_family[EXPERTS[0]])}, {"model": str(broken)}]})
+    result = mergekit_yaml(cfg, tmp_path / "out", check=False)
+    assert result.returncode != 0
+    warning = result.stderr.find("`k_fraction` (global parameters)")
+    failure = result.stderr.find("SafetensorError")
+    assert 0 <= warning < failure, result.stderr[-3000:]
+
+
+def test_run_merge_api_warns_before_reading(tiny_family, tmp_path, caplog, monkeypatch):
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+    from mergekit.merge import MergeOptions, run_merge
+
+    events = []
+    original = LazyTensorLoader.get_tensor
+
+    def get_tensor(self, *args, **kwargs):
+        events.append("load")
+        return original(self, *args, **kwargs)
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            if "has no effect" in record.getMessage():
+                events.append("warning")
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", get_tensor)
+    recorder = Recorder()
+    logging.getLogger("mergekit_ace").addHandler(recorder)
+    try:
+        config = MergeConfiguration.model_validate(dirty_ace(tiny_family))
+        run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+    finally:
+        logging.getLogger("mergekit_ace").removeHandler(recorder)
+    assert events[: len(EXPECTED_ACE)] == ["warning"] * len(EXPECTED_ACE)
+    assert "load" in events and events.count("warning") == len(EXPECTED_ACE)
+
+
+def test_locations_in_slices_and_modules():
+    config = MergeConfiguration.model_validate({
+        "merge_method": "ace",
+        "base_model": "base",
+        "slices": [{
+            "sources": [
+                {"model": "a", "layer_range": [0, 2], "parameters": {"weigth": 1.0}},
+                {"model": "base", "layer_range": [0, 2]},
+            ],
+            "parameters": {"tau": 0.2, "gamma": [{"filter": "self_attn", "value": 0.1}]},
+        }],
+    })
+    messages = sorted(f.message for f in check_parameters(config))
+    assert len(messages) == 2
+    assert messages[1].startswith("`weigth` (slices[0], model `a`) is not a parameter of `ace` "
+                                  "and has no effect; did you mean `weight`?")
+    assert messages[0].startswith("`gamma` (slices[0] parameters, filter `self_attn`) is not a "
+                                  "parameter of `ace`")
+
+
+def check(path):
+    """``mergekit-ace check PATH`` in this process (the console script is exercised below)."""
+    from click.testing import CliRunner
+
+    from mergekit_ace.cli import main
+
+    return CliRunner().invoke(main, ["check", str(path)])
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"merge_method": "ace", "parameters": {"k_frac": 0.2, "eps": "auto"},
+      "models": [{"model": "e1", "parameters": {"weight": 2}}, {"model": "e2"}]}, []),
+    ({"merge_method": "ties", "parameters": {"density": 0.5, "normalize": True},
+      "models": [{"model": "e1", "parameters": {"weight": 0.5, "density": 0.7}}, {"model": "e2"}]}, []),
+    ({"merge_method": "ties", "parameters": {"densty": 0.5},
+      "models": [{"model": "e1"}, {"model": "e2"}]},
+     ["`densty` (global parameters) is not a parameter of `ties` and has no effect; did you mean `density`?"]),
+    ({"merge_method": "slerp", "parameters": {"t": 0.5, "weight": 1.0},
+      "models": [{"model": "e1"}, {"model": "e2"}]},
+     ["`weight` (global parameters) is not a parameter of `slerp`"]),
+    ({"merge_method": "ace", "paramters": {"k_frac": 0.5},
+      "models": [{"model": "e1", "paramaters": {"weight": 2}}, {"model": "e2"}]},
+     ["`paramters` (top level) is not a configuration key and is ignored; did you mean `parameters`?",
+      "`paramaters` (models[0]) is not a configuration key and is ignored; did you mean `parameters`?"]),
+    ({"merge_method": "acee", "models": [{"model": "e1"}]},
+     ["merge_method `acee` is not known to mergekit; did you mean `ace`?"]),
+])
+def test_check_command(tmp_path, config, expected):
+    result = check(write_config(tmp_path / "config.yml", {"base_model": "base", **config}))
+    assert result.exit_code == (1 if expected else 0), result.output
+    for line in expected:
+        assert line in result.stdout, result.stdout
+    assert len([l for l in result.stdout.splitlines() if "config.yml: " in l]) == max(len(expected), 1)
+
+
+def test_check_command_reads_mergekit_multi_recipes(tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        "name: stage\nmerge_method: ace\nbase_model: base\nparameters: {k_fraction: 0.5}\n"
+        "models: [{model: e1}, {model: e2}]\n---\n"
+        "merge_method: slerp\nbase_model: stage\nparameters: {t: 0.3}\n"
+        "models: [{model: stage}, {model: chat}]\n")
+    result = run_cli("mergekit-ace", ["check", recipe], check=False)
+    assert result.returncode == 1
+    assert "[stage] `k_fraction` (global parameters) is not a parameter of `ace`" in result.stdout
+    assert "slerp" not in result.stdout
