@@ -11,6 +11,7 @@ import torch
 from mergekit.config import MergeConfiguration
 
 from mergekit_ace.config_check import check_parameters
+from tests.test_card import assert_credits
 from tests.tiny_models import (
     EXPERT_SCALES,
     load_state,
@@ -68,6 +69,7 @@ def test_tsv_weight_under_a_model_is_reported(tiny_family, tmp_path):
     assert (f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
             "no effect (it is a parameter of") in result.stderr
     assert "`tsv` takes: lambda." in result.stderr
+    assert_credits((tmp_path / "out" / "README.md").read_text(), "tsv")
 
 
 def test_warning_comes_before_any_checkpoint_is_read(tiny_family, tmp_path):

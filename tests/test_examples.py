@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from mergekit_ace.kernels.ace import ace_merge
+from tests.test_card import assert_credits
 from tests.tiny_models import load_state, mergekit_yaml, run_cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -52,6 +53,7 @@ def test_single_stage_example(name, tiny_family, tmp_path):
     assert merged[key].dtype == torch.bfloat16
     assert torch.equal(merged[key], expected)
     assert all(torch.isfinite(v.float()).all() for v in merged.values())
+    assert_credits((out / "README.md").read_text(), "ace")
 
 
 def test_multi_stage_example_ace_then_slerp(tiny_family, tmp_path):
@@ -69,3 +71,7 @@ def test_multi_stage_example_ace_then_slerp(tiny_family, tmp_path):
     # SLERP sits between its two inputs
     a, b, m = stage1[key].float(), chat[key].float(), merged[key].float()
     assert 0 < float((m - a).norm()) < float((b - a).norm())
+    # the final (SLERP) card still credits the ACE stage it builds on
+    card = (final / "README.md").read_text()
+    assert_credits(card, "ace")
+    assert f"The input `{tmp_path / 'intermediate' / 'llama31-experts-ace'}` was itself merged" in card
