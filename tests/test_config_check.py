@@ -186,3 +186,14 @@ def test_check_command_reads_mergekit_multi_recipes(tmp_path):
     assert result.returncode == 1
     assert "[stage] `k_fraction` (global parameters) is not a parameter of `ace`" in result.stdout
     assert "slerp" not in result.stdout
+
+
+def test_every_example_config_is_clean():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yml"))
+    assert examples
+    for example in examples:
+        result = check(example)
+        assert result.exit_code == 0, result.output
+        assert "no ignored parameters or keys" in result.output
