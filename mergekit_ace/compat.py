@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple
 
@@ -117,7 +118,12 @@ def on_card(extend: Callable[[Any, str], str]) -> None:
 
 def _run_checks(config: Any) -> None:
     for check in _config_checks:
-        check(config)
+        try:
+            check(config)
+        except Exception as error:  # a failing check must not stop a merge mergekit accepts
+            logging.getLogger("mergekit_ace").warning(
+                "mergekit-ace could not check this configuration (%r); run "
+                "`mergekit-ace check CONFIG` for details.", error)
 
 
 def _patch_planner(module: Any) -> None:

@@ -1,9 +1,9 @@
 """How ``inspect`` plans and instruments a merge with mergekit.
 
-Every access to mergekit internals that ``inspect`` needs is in this module: the planning
-half of ``MergePlanner`` (``_plan``, ``_tensors``, ``merge._model_out_config``), the method
-registry (``registry._METHODS``, to lend an instrumented ``ace`` for one run) and the task
-graph's inner fields (``gather_tensors``, ``weight_info``, the loaders' index).
+Everything ``inspect`` needs from mergekit beyond a merge is in this module: the planning
+half of ``MergePlanner`` and a method lent to the registry for one run (both through
+:mod:`mergekit_ace.compat`, which holds every private name), and the task graph's fields
+(``gather_tensors``, ``weight_info``, the loaders' index).
 """
 
 from __future__ import annotations
@@ -52,19 +52,19 @@ def plan(config_path: str, options) -> Planned:
     import mergekit_ace  # noqa: F401  (registers the method)
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
+
+    from mergekit_ace import compat
 
     config = load_config(config_path)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    out_config = compat.model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     with instrumented_method(None):
         # The planning half of MergePlanner.plan_in_memory (whose ReturnTensor wrapper does not
         # validate in mergekit 0.1.5): one merge task per output tensor, nothing to write.
-        planner._plan()
-    tasks = [task for _weight, task in planner._tensors]
+        tasks = [task for _weight, task in compat.plan_tensors(planner)]
     models: List[Any] = []
     for merge_task in tasks:
         for model in merge_task.model_order:
@@ -78,7 +78,7 @@ def instrumented_method(collect) -> Iterator[Any]:
     """Register, for the duration of the block, an ``ace`` method whose kernel records its
     spectra and run time and hands its diagnostics to ``collect(diag, seconds)``; the
     previously registered method is restored afterwards."""
-    from mergekit.merge_methods import registry
+    from mergekit_ace import compat
     from mergekit_ace.methods.ace import ace_method
 
     method = ace_method()
@@ -95,15 +95,8 @@ def instrumented_method(collect) -> Iterator[Any]:
 
         method.kernel = kernel
         method.on_diagnostics = lambda diag: collect(diag, timing.get("seconds"))
-    previous = registry._METHODS.get(METHOD_NAME)
-    registry._METHODS[METHOD_NAME] = method
-    try:
+    with compat.method_registered_as(method):
         yield method
-    finally:
-        if previous is None:
-            registry._METHODS.pop(METHOD_NAME, None)
-        else:
-            registry._METHODS[METHOD_NAME] = previous
 
 
 def gather_of(merge_task):
