@@ -11,6 +11,7 @@ from mergekit_ace.kernels.iso_c import iso_c_merge
 from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.kernels.tsv import tsv_merge
 from mergekit_ace.registration import our_method
+from tests.test_card import assert_credits
 from tests.tiny_models import EXPERT_SCALES, load_state, mergekit_yaml, model_list, write_config
 
 EXPERTS = list(EXPERT_SCALES)
@@ -55,6 +56,7 @@ def test_mergekit_yaml_matches_kernel_and_loads(tiny_family, tmp_path, method):
     assert torch.isfinite(logits).all()
     card = (out / "README.md").read_text()
     assert our_method(method).spec.pretty_name in card
+    assert_credits(card, method)
 
 
 def _group():
