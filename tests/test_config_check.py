@@ -197,3 +197,17 @@ def test_every_example_config_is_clean():
         result = check(example)
         assert result.exit_code == 0, result.output
         assert "no ignored parameters or keys" in result.output
+
+
+def test_mergekit_multi_warns_for_the_ace_stage(tiny_family, tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"name: stage\nmerge_method: ace\nbase_model: {tiny_family['base']}\n"
+        "parameters: {k_fraction: 0.5}\n"
+        f"models: [{{model: {tiny_family[EXPERTS[0]]}}}, {{model: {tiny_family[EXPERTS[1]]}}}]\n"
+        "---\n"
+        "merge_method: slerp\nbase_model: stage\nparameters: {t: 0.3}\n"
+        f"models: [{{model: stage}}, {{model: {tiny_family[EXPERTS[2]]}}}]\n")
+    result = run_cli("mergekit-multi", [recipe, "-I", tmp_path / "stages", "--out-path", tmp_path / "final"])
+    assert result.stderr.count("`k_fraction` (global parameters) is not a parameter of `ace`") == 1
+    assert (tmp_path / "final" / "model.safetensors").exists()
