@@ -61,11 +61,12 @@ def register_all() -> List[str]:
 
 
 def is_ours(name: str) -> bool:
-    """Whether merge method ``name`` is this package's registered method."""
+    """Whether the method registered as ``name`` is one of this package's (the registered
+    instance, or another one lent for a run, as ``mergekit-ace inspect`` does)."""
     from mergekit_ace import compat
 
-    method = _OURS.get(name)
-    return method is not None and compat.registered_method(name) is method
+    method = compat.registered_method(name)
+    return name in METHODS and type(method).__module__.startswith("mergekit_ace.")
 
 
 def install_hooks() -> None:

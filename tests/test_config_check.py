@@ -211,3 +211,12 @@ def test_mergekit_multi_warns_for_the_ace_stage(tiny_family, tmp_path):
     result = run_cli("mergekit-multi", [recipe, "-I", tmp_path / "stages", "--out-path", tmp_path / "final"])
     assert result.stderr.count("`k_fraction` (global parameters) is not a parameter of `ace`") == 1
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_inspect_warns_too(tiny_family, tmp_path):
+    cfg = write_config(tmp_path / "typo.yml", {
+        "merge_method": "ace", "base_model": str(tiny_family["base"]),
+        "parameters": {"k_fraction": 0.5}, "models": model_list(tiny_family, EXPERTS[:2])})
+    result = run_cli("mergekit-ace", ["inspect", cfg, "--estimate-only", "--no-plots", "-q",
+                                      "--out", tmp_path / "inspect"])
+    assert "`k_fraction` (global parameters) is not a parameter of `ace`" in result.stderr
