@@ -220,3 +220,27 @@ def test_inspect_warns_too(tiny_family, tmp_path):
     result = run_cli("mergekit-ace", ["inspect", cfg, "--estimate-only", "--no-plots", "-q",
                                       "--out", tmp_path / "inspect"])
     assert "`k_fraction` (global parameters) is not a parameter of `ace`" in result.stderr
+
+
+def test_readme_shows_the_warning_as_printed():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (shown,) = [l for l in readme.splitlines() if l.startswith("WARNING:mergekit_ace:")]
+    config = MergeConfiguration.model_validate({
+        "merge_method": "ace", "base_model": "base", "parameters": {"k_fraction": 0.5},
+        "models": [{"model": "expert"}]})
+    (finding,) = check_parameters(config)
+    assert shown == "WARNING:mergekit_ace:" + finding.message
+
+
+def test_readme_parameter_table_lists_what_ace_declares():
+    import re
+    from pathlib import Path
+
+    from mergekit_ace.registration import our_method
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Parameters"):readme.index("## Documentation")]
+    listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert listed and sorted(listed) == sorted(p.name for p in our_method("ace").spec.parameters)
