@@ -68,7 +68,7 @@ def test_tsv_weight_under_a_model_is_reported(tiny_family, tmp_path):
     result = mergekit_yaml(cfg, tmp_path / "out")
     assert (f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
             "no effect (it is a parameter of") in result.stderr
-    assert "`tsv` takes: lambda." in result.stderr
+    assert "`tsv` takes: lambda, drop_noise." in result.stderr
     assert_credits((tmp_path / "out" / "README.md").read_text(), "tsv")
 
 
@@ -244,3 +244,18 @@ def test_readme_parameter_table_lists_what_ace_declares():
     table = readme[readme.index("### Parameters"):readme.index("## Documentation")]
     listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
     assert listed and sorted(listed) == sorted(p.name for p in our_method("ace").spec.parameters)
+
+
+def test_family_table_lists_what_each_method_declares():
+    import re
+    from pathlib import Path
+
+    from mergekit_ace.registration import our_method
+
+    family = (Path(__file__).resolve().parents[1] / "docs" / "family.md").read_text()
+    rows = [row for row in re.findall(r"^\| `(\w+)` \|[^|]*\|[^|]*\| (.*) \|$", family, flags=re.M)
+            if row[0] != "merge_method"]  # the header
+    assert [name for name, _ in rows] == ["actmat", "tsv", "iso_c", "iso_cts"]
+    for name, listed in rows:
+        assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(
+            p.name for p in our_method(name).spec.parameters), name
