@@ -155,3 +155,28 @@ def test_non_2d_tensors_and_single_expert():
         assert torch.equal(out, real)
         out, diag = kernel(base, [base.to(torch.bfloat16)])
         assert diag.branch == "unchanged" and torch.equal(out, base)
+
+
+def test_bfloat16_bit_test_agrees_with_the_round_trip():
+    from mergekit_ace.kernels.common import _holds_exactly
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 48, generator=g)
+    stored = x.to(torch.bfloat16).float()
+    for block, expected in ((stored, True), (x, False), (stored[:, ::2], True)):
+        assert _holds_exactly(block, torch.bfloat16) is expected
+        assert torch.equal(block.to(torch.bfloat16).float(), block) is expected
+    one_bit = stored.clone()
+    one_bit.view(torch.int32)[5, 7] |= 1  # one value no longer a bfloat16
+    assert not _holds_exactly(one_bit, torch.bfloat16)
+
+
+def test_all_finite_finds_nan_inf_and_does_not_mistake_overflowing_sums():
+    from mergekit_ace.kernels.common import all_finite
+
+    big = torch.full((8, 8), 3e38)  # finite values whose float32 sum overflows
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(8, 8)
+        x[3, 4] = bad
+        assert not all_finite(x) and not all_finite(x.to(torch.bfloat16))

@@ -33,6 +33,7 @@ from mergekit_ace.kernels.ace_phases import (
     workspace_cost,
 )
 from mergekit_ace.kernels.common import (
+    check_inputs,
     finish,
     finish_rows,
     frobenius,
@@ -158,9 +159,10 @@ def ace_merge(
         prior=prior, lam=lam, oom_fallback=oom_fallback, matmul_precision=matmul_precision,
         drop_noise=drop_noise,
     ).values()
+    # 2-D tensors: the experts' scan sums every value, so the finite check waits for it.
     w_all, dtype, out_dtype = prepare(
         base, experts, weights, compute_dtype=compute_dtype, out_dtype=out_dtype,
-        tensor_name=tensor_name, expert_names=expert_names,
+        tensor_name=tensor_name, expert_names=expert_names, check_finite=base.dim() != 2,
     )
     if base.dim() == 2 and base.device.type == "cuda":
         free = free_device_bytes if free_device_bytes is not None else cuda_free_bytes(base.device)
@@ -235,21 +237,27 @@ def _scan_experts(base, experts, weights, dtype, *, drop_noise, tensor_name, exp
     for task vectors small enough to be)."""
     m, n = base.shape
     step = max(1, min(m, (64 * 2**20) // (n * torch.finfo(dtype).bits // 8)))
-    base_norm = None
+    base_norm, rounding = None, {}
     indices, energies, all_energies, kept, means, noise = [], [], [], [], [], []
     for i, expert in enumerate(experts):
         energy = 0.0
         col = torch.zeros(n, dtype=torch.float64, device=base.device)
         for start in range(0, m, step):
             d = task_vector_rows(base, expert, start, start + step, dtype)
-            energy += float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
-            col.add_(d.sum(dim=0, dtype=torch.float64))
+            # In the compute dtype (pairwise summation), accumulated in float64 across blocks:
+            # a float64 copy of each block would cost more than the sums.
+            energy += float(torch.linalg.vector_norm(d)) ** 2
+            col.add_(d.sum(dim=0))
             del d
+        if not math.isfinite(energy):  # a NaN or Inf in the expert or the base
+            check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
+            energy = frobenius(task_vector_rows(base, expert, 0, m, torch.float64)) ** 2
         all_energies.append(energy)
         if energy == 0.0 or weights[i] == 0.0:
             continue
         base_norm = frobenius(base, step) if base_norm is None else base_norm
         if is_storage_noise(base, expert, energy, base_norm, dtype, index=i, step=step,
+                            rounding=rounding,
                             drop_noise=drop_noise, tensor_name=tensor_name,
                             expert_names=expert_names):
             noise.append(i)

@@ -161,8 +161,9 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
 
 def task_vector_rows(base, expert, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """``(W_t - W0)[start:stop]`` in ``dtype`` with one temporary (the result)."""
-    rows = expert[start:stop].to(dtype, copy=True)
-    return rows.sub_(base[start:stop])
+    if expert.dtype == dtype:
+        return torch.sub(expert[start:stop], base[start:stop].to(dtype))
+    return expert[start:stop].to(dtype).sub_(base[start:stop])
 
 
 class TaskVectorRows:

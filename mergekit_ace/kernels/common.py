@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -50,8 +51,11 @@ def check_inputs(
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
     base_name: Optional[str] = None,
+    finite: bool = True,
 ) -> None:
-    """Refuse non-finite values and mismatched shapes before any arithmetic."""
+    """Refuse non-finite values and mismatched shapes before any arithmetic. ``finite=False``
+    checks the shapes only: for a caller that reads every value anyway and calls again with
+    ``finite=True`` when a sum comes out non-finite."""
     where = f"tensor {tensor_name!r}" if tensor_name else "this tensor"
     if not experts:
         raise MergeInputError(f"{where}: no expert models to merge; list at least one under `models:`.")
@@ -60,7 +64,7 @@ def check_inputs(
     for label, tensor in [(base_name or "the base model", base)] + [
         (_label(expert_names, i, f"expert #{i}"), t) for i, t in enumerate(experts)
     ]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if finite and tensor.is_floating_point() and not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise MergeInputError(
                 f"{where}: model {label} contains {bad} non-finite value(s) (NaN or Inf); "
@@ -125,11 +129,14 @@ def prepare(
     out_dtype: Optional[torch.dtype],
     tensor_name: Optional[str],
     expert_names: Optional[Sequence[str]],
+    check_finite: bool = True,
 ) -> tuple[List[float], torch.dtype, torch.dtype]:
     """Every kernel's preamble: refuse bad inputs and weights, then pick the compute dtype
     (float32 at least) and the output dtype (default: the base's). Returns
-    ``(weights, compute_dtype, out_dtype)``."""
-    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names)
+    ``(weights, compute_dtype, out_dtype)``. ``check_finite=False``: see
+    :func:`check_inputs`'s ``finite``."""
+    check_inputs(base, experts, tensor_name=tensor_name, expert_names=expert_names,
+                 finite=check_finite)
     w_all = normalized_weights(
         weights, len(experts), expert_names=expert_names, tensor_name=tensor_name
     )
@@ -186,10 +193,25 @@ def storage_precision(tensor: torch.Tensor, step: Optional[int] = None) -> torch
     own = unit_roundoff(tensor.dtype)
     for fmt in _STORAGE_FORMATS:
         if unit_roundoff(fmt) > own and all(
-            torch.equal(b.to(fmt).to(b.dtype), b) for b in _row_blocks(tensor, step)
+            _holds_exactly(b, fmt) for b in _row_blocks(tensor, step)
         ):
             return fmt
     return tensor.dtype
+
+
+def _holds_exactly(block: torch.Tensor, fmt: torch.dtype) -> bool:
+    """Every value of ``block`` is representable in ``fmt``. For float32 data and bfloat16
+    this is a bit test (the low 16 bits of every value are zero), read in place."""
+    if (block.dtype == torch.float32 and fmt == torch.bfloat16 and block.is_contiguous()
+            and sys.byteorder == "little"):
+        low_halves = block.view(torch.int16)[..., 0::2]  # little-endian: the low 16 bits
+        return not bool(low_halves.any())
+    if (block.dtype == torch.float32 and fmt == torch.float16 and block.is_contiguous()
+            and sys.byteorder == "little"):
+        # float16 keeps 10 of float32's 23 mantissa bits: the low 13 must be zero first.
+        if bool(block.view(torch.int16)[..., 0::2].bitwise_and(0x1FFF).any()):
+            return False
+    return torch.equal(block.to(fmt).to(block.dtype), block)
 
 
 def storage_noise(
@@ -199,6 +221,7 @@ def storage_noise(
     base_norm: float,
     dtype: torch.dtype,
     step: Optional[int] = None,
+    rounding: Optional[dict] = None,
 ) -> Optional[torch.dtype]:
     """The storage precision ``p`` of ``expert`` if its task vector is storage noise, else None.
 
@@ -208,11 +231,24 @@ def storage_noise(
     round-off of ``p``. Such a task vector is the rounding error of re-storing the base
     (``||fl_p(W0) - W0||_F <= u_p ||W0||_F``), not a fine-tuning update. ``energy`` is
     ``||tau_t||_F^2``, ``base_norm`` ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the
-    rows per block.
+    rows per block. ``rounding``: a dict the caller keeps for one base tensor, so that the
+    base's own rounding errors ``||fl_p(W0) - W0||_F`` are measured once for all experts.
+
+    A task vector larger than ``NOISE_FRACTION * u_p * ||W0|| + ||fl_p(W0) - W0||`` for every
+    candidate ``p`` cannot be noise (triangle inequality) and is not looked at further: for a
+    base stored in bfloat16 that bound is ``2^-16 ||W0||``, so real experts cost nothing here.
     """
     coarsest = unit_roundoff(_STORAGE_FORMATS[0])
-    if math.sqrt(energy) > (1.0 + NOISE_FRACTION) * coarsest * base_norm:
+    size = math.sqrt(energy)
+    if size > (1.0 + NOISE_FRACTION) * coarsest * base_norm:
         return None  # larger than any rounding of the base: cheap exit for real experts
+    if rounding is not None:
+        candidates = [expert.dtype] + [
+            f for f in _STORAGE_FORMATS if unit_roundoff(f) > unit_roundoff(expert.dtype)
+        ]
+        if all(size > 1.01 * NOISE_FRACTION * unit_roundoff(f) * base_norm
+               + 1.01 * _rounding_error(base, f, rounding, step) for f in candidates):
+            return None
     fmt = storage_precision(expert, step)
     squares = 0.0
     for b, e in zip(_row_blocks(base, step), _row_blocks(expert, step)):
@@ -220,6 +256,17 @@ def storage_noise(
         squares += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     limit = NOISE_FRACTION * unit_roundoff(fmt) * base_norm
     return fmt if math.sqrt(squares) <= limit else None
+
+
+def _rounding_error(base: torch.Tensor, fmt: torch.dtype, cache: dict,
+                    step: Optional[int]) -> float:
+    """``||fl_fmt(W0) - W0||_F`` (0 where ``fmt`` holds ``W0`` exactly), cached in ``cache``."""
+    if fmt not in cache:
+        cache[fmt] = 0.0 if unit_roundoff(fmt) <= unit_roundoff(base.dtype) else math.sqrt(sum(
+            float(torch.linalg.vector_norm(b.to(fmt).to(b.dtype) - b, dtype=torch.float64)) ** 2
+            for b in _row_blocks(base, step)
+        ))
+    return cache[fmt]
 
 
 def is_storage_noise(
@@ -234,10 +281,11 @@ def is_storage_noise(
     tensor_name: Optional[str],
     expert_names: Optional[Sequence[str]],
     step: Optional[int] = None,
+    rounding: Optional[dict] = None,
 ) -> bool:
     """:func:`storage_noise` for expert ``index``, logged when it is (whether or not
     ``drop_noise`` leaves it out)."""
-    fmt = storage_noise(base, expert, energy, base_norm, dtype, step)
+    fmt = storage_noise(base, expert, energy, base_norm, dtype, step, rounding)
     if fmt is None:
         return False
     _report_noise(_label(expert_names, index, f"expert #{index}"), tensor_name, fmt, drop_noise)
@@ -282,6 +330,7 @@ def task_vectors(
     (:func:`storage_noise`; such experts are logged either way)."""
     base_c = base.to(dtype)
     base_norm: Optional[float] = None
+    rounding: dict = {}
     deltas, indices, energies, all_energies, noise = [], [], [], [], []
     for i, expert in enumerate(experts):
         delta = expert.to(dtype) - base_c
@@ -292,6 +341,7 @@ def task_vectors(
         if base_norm is None:
             base_norm = frobenius(base)
         if is_storage_noise(base, expert, energy, base_norm, dtype, index=i, drop_noise=drop_noise,
+                            rounding=rounding,
                             tensor_name=tensor_name, expert_names=expert_names):
             noise.append(i)
             if drop_noise:
@@ -360,8 +410,17 @@ def finish_rows(
     return out
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``: one summing pass (a NaN or Inf makes the sum non-finite),
+    with the elementwise test only when the sum is not finite (which a sum that overflows
+    from finite values also is)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _refuse_non_finite(out: torch.Tensor, tensor_name: Optional[str], remedy: str) -> None:
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise FloatingPointError(
             f"{_where(tensor_name)}: the merge produced non-finite values; refusing to write "
             f"them. To fix: {remedy}."
@@ -370,7 +429,7 @@ def _refuse_non_finite(out: torch.Tensor, tensor_name: Optional[str], remedy: st
 
 def _refuse_overflow(cast: torch.Tensor, out: torch.Tensor, tensor_name: Optional[str]) -> None:
     """``out`` is finite; refuse its cast to a narrower dtype when that overflowed to Inf."""
-    if not bool(torch.isfinite(cast).all()):
+    if not all_finite(cast):
         raise FloatingPointError(
             f"{_where(tensor_name)}: the merged values exceed the range of "
             f"{str(cast.dtype).replace('torch.', '')} (largest |value| "
