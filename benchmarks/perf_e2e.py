@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

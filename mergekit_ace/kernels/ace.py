@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -21,8 +21,6 @@ from mergekit_ace.kernels.ace_parameters import (
     validate_ace_parameters,
 )
 from mergekit_ace.kernels.ace_phases import (
-    AUTO_RIDGE,
-    LOG_FLOOR,
     TaskVectorRows,
     accumulate,
     build_system,
@@ -278,13 +276,13 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
     acc = accumulate(src, scan.weights, plan, heterogeneous=heterogeneous, eps=eps, like=like)
     diag.ridge = acc.ridge / sum(scan.weights)
     system = dict(prior=prior, heterogeneous=heterogeneous, eps=eps, energies=scan.energies)
-    record_pre = None
-    if spectra:
-        def record_pre(W_pre):
-            s_pre = torch.linalg.svdvals(W_pre)
-            diag.singular_values_pre = s_pre.tolist()
-            diag.concentration_pre = concentration(s_pre)
 
+    def record_pre(W_pre):
+        s_pre = torch.linalg.svdvals(W_pre)
+        diag.singular_values_pre = s_pre.tolist()
+        diag.concentration_pre = concentration(s_pre)
+
+    record_pre = record_pre if spectra else None
     if plan.k:
         # The system's storage is handed over, so refinement can free it after factoring.
         W, info, diag.sigma_iso, diag.spectral, diag.k = refine_phase(

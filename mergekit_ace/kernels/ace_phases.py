@@ -18,7 +18,6 @@ it is about one ``[m, n]`` buffer in the compute dtype plus ``[n, n]`` matrices.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
