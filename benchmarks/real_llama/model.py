@@ -84,19 +84,10 @@ def fine_tune(
     rng = random.Random(cfg.seed)
     label_ids = label_token_ids(tokenizer, task)
     pad = _pad_id(tokenizer)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     order: List[Example] = []
-    losses = []
-    for step in range(cfg.steps):
+
+    def step_loss(step: int):
+        nonlocal order
         batch = []
         while len(batch) < cfg.batch_size:
             if not order:
@@ -108,7 +99,28 @@ def fine_tune(
         h = _last_hidden(model, ids, mask, last)
         logits = model.lm_head(h)
         target = torch.tensor([label_ids[y] for _, y in batch])
-        loss = torch.nn.functional.cross_entropy(logits, target)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    return optimize(model, cfg, step_loss, progress)
+
+
+def optimize(model, cfg: TrainConfig, step_loss: Callable[[int], "torch.Tensor"],
+             progress: Optional[Callable[[int, float], None]] = None) -> List[float]:
+    """``cfg.steps`` AdamW steps on every weight (cosine schedule after ``cfg.warmup`` linear
+    warm-up steps, gradient clipping 1.0) of the loss ``step_loss(step)``; returns the losses."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses = []
+    for step in range(cfg.steps):
+        loss = step_loss(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -170,8 +182,10 @@ def train_expert(
     cfg: TrainConfig,
     out_dir: Path,
     progress: Optional[Callable[[int, float], None]] = None,
+    fit: Optional[Callable] = None,
 ) -> Path:
-    """Fine-tune ``base_dir`` on ``task`` into ``out_dir`` (skipped when already there)."""
+    """Fine-tune ``base_dir`` on ``task`` into ``out_dir`` (skipped when already there) with
+    ``fit(model, tokenizer, task, cfg, progress)`` (default :func:`fine_tune`)."""
     out_dir = Path(out_dir)
     meta = out_dir / "expert.json"
     if meta.exists() and (out_dir / "model.safetensors").exists():
@@ -180,7 +194,7 @@ def train_expert(
     model = load_model(base_dir)
     tok = load_tokenizer(base_dir)
     t0 = time.perf_counter()
-    losses = fine_tune(model, tok, task, cfg, progress)
+    losses = (fit or fine_tune)(model, tok, task, cfg, progress)
     seconds = time.perf_counter() - t0
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():

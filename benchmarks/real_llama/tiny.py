@@ -4,22 +4,28 @@ in fast tests of the pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from benchmarks.real_llama.data import Task
 
 
 def make_tiny_base(path: Path, tasks: Sequence[Task], seed: int = 0) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = {"<unk>", "<pad>", "<s>", "</s>", ":"}
+    words = {":"}
     for t in tasks:
         words.add(t.question)
         words.update(t.labels)
         for text, _ in t.train + t.heldout:
             words.update(text.split())
+    return make_tiny_llama(path, words, seed)
+
+
+def make_tiny_llama(path: Path, words: Iterable[str], seed: int = 0) -> Path:
+    """A 2-layer random Llama whose word-level tokenizer knows ``words``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = {"<unk>", "<pad>", "<s>", "</s>", *words}
     vocab = {w: i for i, w in enumerate(sorted(words))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
