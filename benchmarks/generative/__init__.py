@@ -1,0 +1,1 @@
+"""Generative domain experts (continued training on real text) merged with every method."""
