@@ -1,16 +1,17 @@
 """The generative benchmark's settings: domains, held-out documents, expert training, the merge
-grid. Nothing here was chosen by looking at held-out scores."""
+grid. No merge or training setting here was chosen by looking at held-out scores (the domain
+list was: see ``corpora.DOMAINS``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from benchmarks.generative.corpora import DOMAINS
 from benchmarks.real_llama.model import TrainConfig
 
-# Every method with its defaults, plus ACE under the paper's settings: these groups of
-# benchmarks.real_llama.methods.method_specs.
+# Every method with its defaults, plus ACE under the paper's settings: row labels and groups
+# of benchmarks.real_llama.methods.method_specs.
 FULL_METHODS = ("ace", "ace (paper: eps=1e-5, gamma)", "baseline", "other")
 # The methods merged on random subsets of the experts (retention as a function of T).
 SWEEP_METHODS = ("ace", "actmat", "tsv", "task_arithmetic (lambda=1)", "ties", "dare_ties")
@@ -37,7 +38,6 @@ class GenSet:
     data_seed: int = 0
     warmup: int = 5
     description: str = ""
-    extra: Dict = field(default_factory=dict)
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
