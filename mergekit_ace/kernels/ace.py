@@ -21,6 +21,7 @@ from mergekit_ace.kernels.ace_parameters import (
     validate_ace_parameters,
 )
 from mergekit_ace.kernels.ace_phases import (
+    STREAM_BLOCK_BYTES,
     TaskVectorRows,
     accumulate,
     build_system,
@@ -36,6 +37,7 @@ from mergekit_ace.kernels.common import (
     finish_rows,
     frobenius,
     is_storage_noise,
+    mean_one,
     prepare,
     task_vectors,
     weighted_mean_delta,
@@ -234,7 +236,7 @@ def _scan_experts(base, experts, weights, dtype, *, drop_noise, tensor_name, exp
     ``drop_noise``, those whose task vector is storage noise (checked, also by blocks, only
     for task vectors small enough to be)."""
     m, n = base.shape
-    step = max(1, min(m, (64 * 2**20) // (n * torch.finfo(dtype).bits // 8)))
+    step = max(1, min(m, STREAM_BLOCK_BYTES // (n * torch.finfo(dtype).bits // 8)))
     base_norm, rounding = None, {}
     indices, energies, all_energies, kept, means, noise = [], [], [], [], [], []
     for i, expert in enumerate(experts):
@@ -265,9 +267,7 @@ def _scan_experts(base, experts, weights, dtype, *, drop_noise, tensor_name, exp
         energies.append(energy)
         kept.append(weights[i])
         means.append((col / m).to(dtype))
-    total = sum(kept)
-    kept = [len(kept) * w / total for w in kept] if kept else []
-    return _Scan(indices, kept, energies, all_energies, means, noise)
+    return _Scan(indices, mean_one(kept), energies, all_energies, means, noise)
 
 
 def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like) -> torch.Tensor:

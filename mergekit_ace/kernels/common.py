@@ -349,10 +349,15 @@ def task_vectors(
         deltas.append(delta)
         indices.append(i)
         energies.append(energy)
-    kept = [weights[i] for i in indices]
-    total = sum(kept)
-    kept = [len(kept) * w / total for w in kept] if kept else []
+    kept = mean_one([weights[i] for i in indices])
     return TaskVectors(base_c, deltas, indices, kept, energies, all_energies, noise)
+
+
+def mean_one(weights: Sequence[float]) -> List[float]:
+    """The participants' weights rescaled to mean one (docs/method.md, "Per-model weight"):
+    only their ratios matter, and equal weights are all ones."""
+    total = sum(weights)
+    return [len(weights) * w / total for w in weights] if weights else []
 
 
 def weighted_mean_delta(tv: TaskVectors) -> torch.Tensor:

@@ -316,13 +316,12 @@ def gram(x: torch.Tensor, *, rows: bool = False, precision: str = "float32") -> 
     """``x^T x`` (``rows=False``) or ``x x^T`` in ``precision``; with ``tf32x3`` the two cross
     terms are one product and its transpose (two tensor-core products instead of three)."""
     a, b = (x, x.transpose(0, 1)) if rows else (x.transpose(0, 1), x)
-    size = a.shape[0]
     if precision != "tf32x3" or x.dtype != torch.float32:
         if not x.is_cuda:
             return a @ b
         with _Tf32(precision == "tf32" and x.dtype == torch.float32):
             return a @ b
-    out = x.new_zeros(size, size)
+    out = x.new_zeros(a.shape[0], a.shape[0])
     head, rest = tf32_split(x)
     ha, hb = (head, head.transpose(0, 1)) if rows else (head.transpose(0, 1), head)
     with _Tf32(True):
