@@ -11,6 +11,7 @@ deleted at the end unless ``--keep``.
     python benchmarks/perf_e2e.py --preset tiny --flags=";--low-cpu-memory;--lazy-unpickle"
     python benchmarks/perf_e2e.py --flags="--cuda;--cuda --read-to-gpu;--cuda --multi-gpu"
     python benchmarks/perf_e2e.py --base BASE --models E1 E2 E3 --dtype float32 --repeat 2
+    python benchmarks/perf_e2e.py --methods task_arithmetic ace ace:OMP_NUM_THREADS=1
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -162,7 +164,7 @@ class GpuPoller:
         self._thread.join()
 
 
-def run_merge(config, out_dir, flags, gpu=False):
+def run_merge(config, out_dir, flags, gpu=False, env=None):
     if out_dir.exists():
         shutil.rmtree(out_dir)
     exe = shutil.which("mergekit-yaml") or "mergekit-yaml"
@@ -173,7 +175,8 @@ def run_merge(config, out_dir, flags, gpu=False):
     if poller:
         poller.__enter__()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
     finally:
         if poller:
             poller.__exit__()
@@ -196,7 +199,9 @@ def main(argv=None):
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ace"])
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ace"],
+                   help="merge methods, each optionally with environment variables for its "
+                        "runs: ace:OMP_NUM_THREADS=8,MKL_NUM_THREADS=8")
     p.add_argument("--flags", default="",
                    help="mergekit-yaml option sets to run, separated by ';' (empty: defaults)")
     p.add_argument("--repeat", type=int, default=1)
@@ -223,14 +228,16 @@ def main(argv=None):
         for flags in flag_sets:
             times = {}
             for rep in range(args.repeat):
-                for method in args.methods:  # interleaved
+                for spec in args.methods:  # interleaved
+                    method, _, env_spec = spec.partition(":")
+                    env = dict(kv.split("=", 1) for kv in env_spec.split(",") if kv)
                     config = root / f"{method}-T{args.experts}.yml"
                     write_yaml(config, method, base_dir, expert_dirs[: args.experts], args.dtype)
-                    r = run_merge(config, root / "merged", flags, gpu=gpu)
-                    r.update(method=method, flags=flags, preset="real" if args.base else args.preset, layers=args.layers,
+                    r = run_merge(config, root / "merged", flags, gpu=gpu, env=env)
+                    r.update(method=method, env=env, flags=flags, preset="real" if args.base else args.preset, layers=args.layers,
                              experts=args.experts, rep=rep,
                              checkpoint_bytes=(base_dir / "model.safetensors").stat().st_size)
-                    times.setdefault(method, []).append(r["seconds"])
+                    times.setdefault(spec, []).append(r["seconds"])
                     line = json.dumps(r)
                     print(line, flush=True)
                     if out:

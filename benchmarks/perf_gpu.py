@@ -9,7 +9,8 @@ Subcommands (each appends JSON lines to ``--out``):
   one (``--precisions default``) to compare the two on the same GPU.
 - ``accuracy``: against the float64 re-derivation of ``tests/reference.py`` (on the GPU, in
   float64), for the shapes it can afford.
-- ``eigh``: ``torch.linalg.eigh`` in float32 and float64 (the spectral step's one call).
+- ``eigh``: ``torch.linalg.eigh`` in float32 and float64 (the spectral step's one call), with
+  cuSOLVER and with MAGMA on CUDA.
 - ``capped``: ``mergekit-yaml`` (``--mergekit-args``) in a process whose GPU memory is capped by
   ``torch.cuda.set_per_process_memory_fraction`` (e.g. a 16 GB card on an 80 GB one).
 
@@ -128,19 +129,72 @@ def accuracy(args):
 
 
 def eigh(args):
-    for n in (1024, 4096):
-        for dtype in (torch.float32, torch.float64):
-            x = torch.randn(n, n, device=args.device, dtype=dtype)
-            G = x @ x.T
-            torch.linalg.eigh(G)
-            _sync(args.device)
-            best = float("inf")
-            for _ in range(args.reps):
-                start = time.perf_counter()
-                torch.linalg.eigh(G)
+    backends = ["cusolver", "magma"] if torch.device(args.device).type == "cuda" else ["default"]
+    for backend in backends:
+        if backend != "default":
+            torch.backends.cuda.preferred_linalg_library(backend)
+        for n in (1024, 4096):
+            for dtype in (torch.float32, torch.float64):
+                x = torch.randn(n, n, device=args.device, dtype=dtype)
+                G = x @ x.T
+                try:
+                    torch.linalg.eigh(G)
+                except RuntimeError as error:  # a backend this build lacks
+                    _emit(args.out, {"kind": "eigh", "backend": backend, "error": str(error)[:200]})
+                    break
                 _sync(args.device)
-                best = min(best, time.perf_counter() - start)
-            _emit(args.out, {"kind": "eigh", "n": n, "dtype": str(dtype), "seconds": best})
+                best = float("inf")
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    torch.linalg.eigh(G)
+                    _sync(args.device)
+                    best = min(best, time.perf_counter() - start)
+                _emit(args.out, {"kind": "eigh", "backend": backend, "n": n, "dtype": str(dtype),
+                                 "seconds": best})
+    if backends[0] != "default":
+        torch.backends.cuda.preferred_linalg_library("default")
+        _eigh_beside_products(args)
+
+
+def _eigh_beside_products(args):
+    """Whether a float64 eigh of 4096 (memory-bound tridiagonalization) leaves the GPU free for
+    another merge's products: eigh alone, 40 float32 products of 4096 alone, and the two on
+    two streams from two threads."""
+    import threading
+
+    x = torch.randn(4096, 4096, device=args.device, dtype=torch.float64)
+    G = x @ x.T
+    a = torch.randn(4096, 4096, device=args.device)
+
+    def eig():
+        torch.linalg.eigh(G)
+
+    def gemms():
+        for _ in range(40):
+            a @ a
+
+    def timed(fns):
+        streams = [torch.cuda.Stream() for _ in fns]
+        torch.cuda.synchronize()
+
+        def body(fn, stream):
+            with torch.cuda.stream(stream):
+                fn()
+            stream.synchronize()
+
+        threads = [threading.Thread(target=body, args=(f, s)) for f, s in zip(fns, streams)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed([eig, gemms])  # warm-up
+    result = {k: min(timed(f) for _ in range(3)) for k, f in
+              (("eigh", [eig]), ("products", [gemms]), ("both", [eig, gemms]))}
+    _emit(args.out, {"kind": "eigh_beside_products", **result})
 
 
 def capped(args):

@@ -6,14 +6,18 @@
 #
 #   OUT=benchmarks/runs/gpu bash benchmarks/perf_gpu.sh
 #   OLD=/path/to/older/checkout bash benchmarks/perf_gpu.sh   # also its kernel, side by side
+#   STEPS="e2e eigh pytest" LAYERS_LIST=16 CAPPED_LAYERS=16 bash benchmarks/perf_gpu.sh  # a subset
 #
 # 1. tests/test_gpu.py (the CUDA tests, among them the accuracy guard of the tensor-core path)
 # 2. accuracy against the float64 reference, q_proj and k_proj shapes
 # 3. the kernel per Llama-3-8B shape: T = 3 (three matmul precisions) and 8, both branches;
 #    the older kernel beside it when $OLD is set; eigh float32 / float64
-# 4. mergekit-yaml --cuda end to end, Llama-3-8B-shaped synthetic checkpoints: task_arithmetic
-#    and ace interleaved, 4 layers (then 16), wall time and peak GPU memory (nvidia-smi)
-# 5. ace with the process capped at 16 GiB of GPU memory and oom_fallback: error
+# 4. mergekit-yaml --cuda end to end, Llama-3-8B-shaped synthetic checkpoints, 4 layers (then
+#    16), wall time and peak GPU memory (nvidia-smi), the methods of $E2E_METHODS interleaved
+#    (default task_arithmetic and ace; perf_e2e.py's --methods says how to add environment
+#    variables to a method's runs)
+# 5. ace with the process capped at 16 GiB of GPU memory and oom_fallback: error (4 layers, or
+#    $CAPPED_LAYERS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/runs/gpu}"
@@ -23,7 +27,10 @@ L="$OUT/log.txt"
 PY="${PY:-python3}"
 export PYTHONUNBUFFERED=1
 CACHE=benchmarks/cache/e2e
+STEPS="${STEPS:-pytest accuracy kernel eigh e2e}"
+E2E_METHODS="${E2E_METHODS:-task_arithmetic ace}"
 step() { echo "== $(date +%T) $*" | tee -a "$L"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -31,16 +38,21 @@ step() { echo "== $(date +%T) $*" | tee -a "$L"; }
   $PY -c "from mergekit.merge_methods import registry; print('ace registered:', registry.get('ace') is not None)"
 } >> "$L" 2>&1
 
+if want pytest; then
 step "pytest tests/test_gpu.py"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" | tee -a "$L"
+fi
 
+if want accuracy; then
 step "accuracy"
 timeout 60 $PY benchmarks/perf_gpu.py accuracy --shapes q_proj k_proj \
   --precisions auto float32 tf32 --out "$R" >> "$L" 2>&1
 [ -n "${OLD:-}" ] && timeout 30 env PYTHONPATH="$OLD" $PY benchmarks/perf_gpu.py accuracy \
   --shapes q_proj k_proj --precisions default --label old --out "$R" >> "$L" 2>&1
+fi
 
+if want kernel; then
 step "kernel"
 timeout 150 $PY benchmarks/perf_gpu.py kernel --T 3 8 --precisions auto float32 tf32 \
   --out "$R" >> "$L" 2>&1
@@ -51,16 +63,21 @@ if [ -n "${OLD:-}" ]; then
     --label old --out "$R" >> "$L" 2>&1
   echo "kernel old rc=$?" >> "$L"
 fi
-timeout 30 $PY benchmarks/perf_gpu.py eigh --out "$R" >> "$L" 2>&1
+fi
+if want eigh; then
+step "eigh"
+timeout 60 $PY benchmarks/perf_gpu.py eigh --out "$R" >> "$L" 2>&1
+fi
 
-for LAYERS in 4 ${LAYERS_BIG:-16}; do
+want e2e && for LAYERS in ${LAYERS_LIST:-4 16}; do
   step "e2e --cuda, $LAYERS layers, T=3"
-  timeout 240 $PY benchmarks/perf_e2e.py --preset llama3-8b --layers "$LAYERS" --experts 3 --keep \
-    --gen-device cuda --flags="--cuda" --out "$R" >> "$L" 2>&1
+  # shellcheck disable=SC2086
+  timeout 300 $PY benchmarks/perf_e2e.py --preset llama3-8b --layers "$LAYERS" --experts 3 --keep \
+    --gen-device cuda --flags="--cuda" --methods $E2E_METHODS --out "$R" >> "$L" 2>&1
   echo "e2e rc=$?" >> "$L"
-  if [ "$LAYERS" = 4 ]; then
+  if [ "$LAYERS" = "${CAPPED_LAYERS:-4}" ]; then
     step "ace capped at 16 GiB, oom_fallback: error"
-    root="$CACHE/llama3-8b-L4"
+    root="$CACHE/llama3-8b-L$LAYERS"
     { echo "merge_method: ace"; echo "base_model: $root/base"; echo "dtype: bfloat16"
       echo "parameters: {oom_fallback: error}"; echo "models:"
       for t in 0 1 2; do echo "  - model: $root/expert$t"; done; } > "$OUT/capped.yml"
