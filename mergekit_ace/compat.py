@@ -91,12 +91,18 @@ def plan_tensors(planner: Any) -> List[Tuple[Any, Any]]:
     """Plan the merge (normalize the config, one merge task per output tensor) without the
     writer or ``ReturnTensor`` wrappers; returns ``[(WeightInfo, merge task), ...]``."""
     planner._plan()
+    return planned_tensors(planner)
+
+
+def planned_tensors(planner: Any) -> List[Tuple[Any, Any]]:
+    """``[(WeightInfo, merge task), ...]`` of a planner whose ``_plan`` has run."""
     return list(planner._tensors)
 
 
-# --- hooks: a config check before planning, and the model card --------------------------
+# --- hooks: checks before planning and after it, and the model card ---------------------
 
 _config_checks: List[Callable[[Any], None]] = []
+_plan_checks: List[Callable[[Any], None]] = []
 _card_extensions: List[Callable[[Any, str], str]] = []
 # Set while run_merge runs, so the planner does not check the same config a second time.
 _checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
@@ -107,6 +113,13 @@ def on_config(check: Callable[[Any], None]) -> None:
     ``MergePlanner`` planning (once per merge), before any model is read."""
     if check not in _config_checks:
         _config_checks.append(check)
+
+
+def on_plan(check: Callable[[Any], None]) -> None:
+    """Call ``check(planner)`` after every ``MergePlanner`` planning, before any tensor is
+    loaded; what it raises stops the merge."""
+    if check not in _plan_checks:
+        _plan_checks.append(check)
 
 
 def on_card(extend: Callable[[Any, str], str]) -> None:
@@ -136,7 +149,10 @@ def _patch_planner(module: Any) -> None:
     def _plan(self, *args, **kwargs):
         if not _checked.get():
             _run_checks(self.config)
-        return original(self, *args, **kwargs)
+        result = original(self, *args, **kwargs)
+        for check in _plan_checks:
+            check(self)
+        return result
 
     _plan._mergekit_ace = True
     planner._plan = _plan

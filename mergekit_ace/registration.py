@@ -70,11 +70,12 @@ def is_ours(name: str) -> bool:
 
 
 def install_hooks() -> None:
-    """Check every merge configuration before planning (unknown parameters) and credit this
-    package's methods on the model card; idempotent."""
+    """Check every merge configuration before planning (unknown parameters) and after it (the
+    experts' tensor shapes), and credit this package's methods on the model card; idempotent."""
     from mergekit_ace import card, compat, config_check
 
     compat.on_config(config_check.warn_ineffective_parameters)
+    compat.on_plan(config_check.check_planned_shapes)
     compat.on_card(card.extend_card)
     pending = [name for name in compat.PATCHED_MODULES if not compat.patch_loaded(name)]
     if pending:

@@ -259,3 +259,48 @@ def test_family_table_lists_what_each_method_declares():
     for name, listed in rows:
         assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(
             p.name for p in our_method(name).spec.parameters), name
+
+
+# --- the experts' shapes, from the headers, right after planning --------------------------
+
+
+def _narrow_expert_config(family, tmp_path, method):
+    from tests.test_inspect_cli import broken_copy, narrower
+
+    bad = broken_copy(family, tmp_path, "expert_narrow", narrower)
+    models = [{"model": str(family["expert_math"])}, {"model": str(bad)}]
+    if method == "task_arithmetic":
+        models = [{**m, "parameters": {"weight": 0.5}} for m in models]
+    return {"merge_method": method, "base_model": str(family["base"]), "dtype": "float32",
+            "models": models}
+
+
+def test_shape_mismatch_stops_the_merge_before_any_tensor_is_read(tiny_family, tmp_path,
+                                                                   monkeypatch):
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+    from mergekit.merge import MergeOptions, run_merge
+
+    from mergekit_ace.kernels.common import MergeInputError
+    from tests.test_inspect_cli import TENSOR
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor",
+                        lambda *a, **k: pytest.fail("a tensor was read"))
+    config = MergeConfiguration.model_validate(
+        _narrow_expert_config(tiny_family, tmp_path, "ace"))
+    with pytest.raises(MergeInputError, match=rf"{TENSOR}.*expert_narrow.*\(64, 31\).*\(64, 32\)"):
+        run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["ace", "task_arithmetic"])
+def test_mergekit_yaml_names_the_model_of_a_shape_mismatch(tiny_family, tmp_path, method):
+    from tests.tiny_models import write_config
+
+    cfg = write_config(tmp_path / "c.yml", _narrow_expert_config(tiny_family, tmp_path, method))
+    result = mergekit_yaml(cfg, tmp_path / "out", "--no-copy-tokenizer", check=False)
+    assert result.returncode != 0
+    if method == "ace":
+        assert "expert_narrow has shape (64, 31) but the base model has (64, 32)" in result.stderr
+        assert "Tensor size mismatch" not in result.stderr
+    else:  # mergekit's own methods keep mergekit's own check
+        assert "Tensor size mismatch" in result.stderr

@@ -13,7 +13,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from mergekit_ace.inspect.costs import sync
 from mergekit_ace.inspect.report import InspectError, expert_labels
@@ -147,12 +147,12 @@ def _header(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
                 for name in handle.keys()}
 
 
-def check_shapes(planned: Planned) -> None:
+def check_shapes(merge_tasks: Iterable[Any]) -> None:
     """Refuse, from the checkpoints' headers and before any tensor is loaded, an expert tensor
     whose shape differs from the base's, naming the tensor and the model. Tensors whose rows
     mergekit aligns (a ``tokenizer:`` section) and checkpoints that are not safetensors are
     left to the kernel's own check."""
-    for merge_task in planned.tasks:
+    for merge_task in merge_tasks:
         gather = merge_task.gather_tensors
         if not hasattr(gather, "weight_info"):  # vocabulary alignment sits in between
             continue
