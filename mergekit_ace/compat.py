@@ -101,16 +101,18 @@ def planned_tensors(planner: Any) -> List[Tuple[Any, Any]]:
 
 # --- hooks: checks before planning and after it, and the model card ---------------------
 
-_config_checks: List[Callable[[Any], None]] = []
+_config_checks: List[Callable[[Any, Optional[str]], None]] = []
 _plan_checks: List[Callable[[Any], None]] = []
 _card_extensions: List[Callable[[Any, str], str]] = []
 # Set while run_merge runs, so the planner does not check the same config a second time.
 _checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
 
 
-def on_config(check: Callable[[Any], None]) -> None:
-    """Call ``check(merge_configuration)`` at the start of every ``run_merge`` and every
-    ``MergePlanner`` planning (once per merge), before any model is read."""
+def on_config(check: Callable[[Any, Optional[str]], None]) -> None:
+    """Call ``check(merge_configuration, source)`` at the start of every ``run_merge`` and
+    every ``MergePlanner`` planning (once per merge), before any model is read. ``source`` is
+    the YAML text the configuration was read from, where the caller gave it (``mergekit-yaml``
+    does), else ``None``."""
     if check not in _config_checks:
         _config_checks.append(check)
 
@@ -129,10 +131,10 @@ def on_card(extend: Callable[[Any, str], str]) -> None:
         _card_extensions.append(extend)
 
 
-def _run_checks(config: Any) -> None:
+def _run_checks(config: Any, source: Optional[str] = None) -> None:
     for check in _config_checks:
         try:
-            check(config)
+            check(config, source)
         except Exception as error:  # a failing check must not stop a merge mergekit accepts
             logging.getLogger("mergekit_ace").warning(
                 "mergekit-ace could not check this configuration (%r); run "
@@ -165,7 +167,9 @@ def _patch_merge(module: Any) -> None:
 
     @functools.wraps(original_run)
     def run_merge(merge_config, *args, **kwargs):
-        _run_checks(merge_config)
+        # run_merge(merge_config, out_path, options, config_source=None)
+        source = kwargs.get("config_source", args[2] if len(args) > 2 else None)
+        _run_checks(merge_config, source if isinstance(source, str) else None)
         token = _checked.set(True)
         try:
             return original_run(merge_config, *args, **kwargs)

@@ -136,14 +136,28 @@ def check_parameters(config: Any, method: Any = None) -> List[Finding]:
     return findings
 
 
-def warn_ineffective_parameters(config: Any) -> List[Finding]:
+def warn_ineffective_parameters(config: Any, source: Optional[str] = None) -> List[Finding]:
     """Log a warning for each finding of :func:`check_parameters` when ``config`` merges with
-    one of this package's methods (mergekit's own methods are left as they are)."""
+    one of this package's methods (mergekit's own methods are left as they are); with the YAML
+    ``source`` it was read from, also for each configuration key pydantic dropped
+    (``paramters:``)."""
+    from mergekit.config import MergeConfiguration
+
     from mergekit_ace.registration import is_ours
 
     if not is_ours(config.merge_method):
         return []
-    findings = check_parameters(config)
+    findings = []
+    if source is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict):
+            findings += list(_unknown_keys(data, MergeConfiguration, TOP))
+    findings += check_parameters(config)
     for finding in findings:
         LOG.warning("%s", finding.message)
     if findings:

@@ -304,3 +304,25 @@ def test_mergekit_yaml_names_the_model_of_a_shape_mismatch(tiny_family, tmp_path
         assert "Tensor size mismatch" not in result.stderr
     else:  # mergekit's own methods keep mergekit's own check
         assert "Tensor size mismatch" in result.stderr
+
+
+def test_mergekit_yaml_warns_about_misspelled_configuration_keys(tiny_family, tmp_path):
+    from tests.tiny_models import write_config
+
+    config = {"merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
+              "paramters": {"eps": 1.0e-3},
+              "models": [{"model": str(tiny_family["expert_math"])},
+                         {"model": str(tiny_family["expert_code"]),
+                          "paramters": {"weight": 0.5}}]}
+    cfg = write_config(tmp_path / "typo.yml", config)
+    result = mergekit_yaml(cfg, tmp_path / "out", "--no-copy-tokenizer")
+    warnings = [line for line in result.stderr.splitlines() if "not a configuration key" in line]
+    assert len(warnings) == 2, result.stderr
+    assert "`paramters` (top level)" in warnings[0] and "did you mean `parameters`" in warnings[0]
+    assert "models[1]" in warnings[1]
+    # the same config under task_arithmetic: mergekit's own methods are left alone
+    config.update(merge_method="task_arithmetic",
+                  models=[{"model": str(tiny_family["expert_math"]), "parameters": {"weight": 1}}])
+    cfg = write_config(tmp_path / "ta.yml", config)
+    result = mergekit_yaml(cfg, tmp_path / "out-ta", "--no-copy-tokenizer")
+    assert "not a configuration key" not in result.stderr
