@@ -13,7 +13,6 @@ from mergekit_ace.inspect.costs import calibrate_flop_rate, tensor_cost
 from mergekit_ace.inspect.planning import (
     Planned,
     base_header,
-    check_shapes,
     instrumented_method,
     plan,
 )
@@ -61,12 +60,11 @@ def inspect_config(
         planned = plan(config_path, options)
     except InspectError:
         raise
-    except MergeInputError as error:  # the experts' shapes, checked right after planning
+    except MergeInputError as error:  # the experts' shapes, which the planning hook checks
         raise InspectError(str(error)) from error
     except (ValueError, RuntimeError, OSError) as error:  # config errors, missing models
         raise InspectError(f"{config_path}: cannot plan this merge: {error}") from error
     try:
-        check_shapes(planned.tasks)
         given = flop_rate is not None
         if flop_rate is None:
             flop_rate = calibrate_flop_rate(device)
