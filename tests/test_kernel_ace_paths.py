@@ -285,3 +285,57 @@ def test_split_products_in_column_blocks_equal_one_product(monkeypatch):
     blocks = linalg.addmm_(torch.zeros(12, 33), a, b, alpha=2.0, precision="tf32x3")
     assert rel_err(blocks, whole) < 1e-6
     assert rel_err(blocks, 2 * a.double() @ b.double()) < 1e-6
+
+
+@pytest.mark.parametrize("width", [1, 7, 12, 23])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_products_in_blocks_equal_full_products(width, dtype, monkeypatch):
+    """Blocks of at least 5 columns (the last narrower), the upper ones mirrored: every entry is a dot
+    product of two columns, as in one full product, so the result is as accurate."""
+    import mergekit_ace.kernels.linalg as linalg
+
+    monkeypatch.setattr(linalg, "SYMMETRIC_BLOCK_MIN", 5)
+    blocks = linalg._symmetric_blocks(width)
+    assert len(blocks) == {1: 1, 7: 2, 12: 3, 23: 4}[width]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(31, width, generator=g, dtype=dtype)
+    x[:, 0] *= 100.0
+    full = x.double().T @ x.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    out = linalg.add_symmetric_(torch.ones(width, width, dtype=dtype), x, alpha=-0.5)
+    assert rel_err(out, 1.0 - 0.5 * full) < tol
+    for precision in ("float32", "tf32"):  # one product each (no TF32 off CUDA)
+        got = linalg.gram(x, precision=precision)
+        assert rel_err(got, full) < tol
+        for (i0, i1), (j0, j1) in zip(blocks, blocks[1:]):  # mirrored, not recomputed
+            assert torch.equal(got[j0:j1, i0:i1], got[i0:i1, j0:j1].T)
+        rows = linalg.gram(x.T.contiguous(), rows=True, precision=precision)
+        assert rel_err(rows, full) < tol
+        acc = linalg.add_gram_(torch.zeros(width, width, dtype=dtype), x, alpha=2.0,
+                               precision=precision)
+        assert rel_err(acc, 2 * full) < tol
+    assert rel_err(linalg.short_side_gram(x.T), full) < 1e-13  # wide: rows of the short side
+
+
+def test_symmetric_product_flops_count_the_blocks():
+    from mergekit_ace.kernels.linalg import symmetric_product_flops
+
+    # width 1000: four blocks of 250 (above the 192 minimum); width 576: three of 192;
+    # width 100: one block, a full product
+    assert symmetric_product_flops(7, 1000) == 7 * (1000**2 + 4 * 250**2)
+    assert symmetric_product_flops(7, 576) == 7 * (576**2 + 3 * 192**2)
+    assert symmetric_product_flops(7, 100) == 2 * 7 * 100**2
+
+
+@pytest.mark.parametrize("shape,scales", SHAPES + [((37, 8), (0.02, 1.0, 0.3))])
+@pytest.mark.parametrize("gate", ["on", "off"])
+def test_kernel_with_symmetric_blocks_matches_reference(shape, scales, gate, monkeypatch):
+    import mergekit_ace.kernels.linalg as linalg
+
+    base, experts = make_experts(shape, scales)
+    whole, _ = ace_merge(base, experts, gate=gate)
+    monkeypatch.setattr(linalg, "SYMMETRIC_BLOCK_MIN", 3)
+    blocked, _ = ace_merge(base, experts, gate=gate)
+    ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
+    assert rel_err(blocked - base, ref - base.double()) < 2e-4
+    assert rel_err(blocked - base, whole - base) < 1e-4

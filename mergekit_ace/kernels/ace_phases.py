@@ -28,10 +28,12 @@ from mergekit_ace.kernels.linalg import (
     RightSolver,
     SolveInfo,
     add_gram_,
+    add_symmetric_,
     addmm_,
     gram as gram_of,
     isotropic_projector,
     short_side_gram,
+    symmetric_product_flops,
     top_singular_triplets,
 )
 
@@ -135,17 +137,24 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
     phase = {finish: "finish", accumulate: "accumulate", solve: "solve", refine: "refine"}[
         peak - LIBRARY_BYTES
     ]
-    if plan.row_gram:
-        grams = T * (2 * m * n * n + 4 * m * m * n)
-    else:
-        grams = T * 4 * m * n * n
+    # Grams: symmetric products (linalg.add_symmetric_), full ones under tf32x3
+    def sym(rows: int, width: int) -> int:
+        if plan.matmul == "tf32x3":
+            return 2 * rows * width * width
+        return symmetric_product_flops(rows, width)
+
+    if plan.row_gram:  # C^T C, C C^T, (C C^T) C
+        grams = T * (sym(m, n) + sym(n, m) + 2 * m * m * n)
+    else:  # C^T C, C R
+        grams = T * (sym(m, n) + 2 * m * n * n)
     solve_flops = n**3 / 3 + 2 * m * n * n
     spectral = 0.0
     if k:
         r = min(m, n)
-        # residual product, Gram of F, projector product (+ solve and residual again when
-        # F is re-formed)
-        spectral = 2 * m * n * n + 2 * m * n * r + 2 * m * n * r + 2 * r * r * k
+        # residual product, float64 Gram of F, projector product (+ solve and residual again
+        # when F is re-formed)
+        spectral = (2 * m * n * n + symmetric_product_flops(max(m, n), r) + 2 * m * n * r
+                    + 2 * r * r * k)
         if not plan.keep_f:
             spectral += 2 * m * n * n + 2 * m * n * n
     return {
@@ -354,7 +363,7 @@ def refine(
     gram = torch.zeros(plan.n, plan.n, dtype=torch.float64, device=N.device)
     for start, stop in plan.blocks:
         F64 = f_rows(start, stop)[1].to(torch.float64)
-        gram.addmm_(F64.T, F64)
+        add_symmetric_(gram, F64)
         del F64
     top = isotropic_projector(gram, plan.k)
     del gram

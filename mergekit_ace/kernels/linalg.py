@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -165,6 +166,40 @@ def _right_cholesky_solve(L: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
 
 
+# Symmetric products x^T x are formed block by block, the blocks above the diagonal once and
+# mirrored: about four blocks of columns, none narrower than this (measured with MKL on two
+# cores: 0.73-0.85 of one full product's time, the same values bit for bit).
+SYMMETRIC_BLOCK_MIN = 192
+
+
+def _symmetric_blocks(r: int) -> List[Tuple[int, int]]:
+    step = max(SYMMETRIC_BLOCK_MIN, -(-r // 4))
+    return [(start, min(start + step, r)) for start in range(0, r, step)]
+
+
+def symmetric_product_flops(k: int, r: int) -> int:
+    """Flops of :func:`add_symmetric_` for ``x`` of shape ``[k, r]``: ``k (r^2 + sum b_i^2)``
+    for blocks of widths ``b_i``, against ``2 k r^2`` for a full product."""
+    return k * (r * r + sum((j - i) ** 2 for i, j in _symmetric_blocks(r)))
+
+
+def add_symmetric_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * x^T x`` (``out`` ``[r, r]``, ``x`` ``[k, r]``, any strides) with the
+    product formed only on and above the block diagonal and mirrored below it: about 5/8 of a
+    full product's flops (:func:`symmetric_product_flops`). The caller sets the precision
+    (``_Tf32``); a row Gram ``x x^T`` is ``add_symmetric_(out, x.T)``."""
+    blocks = _symmetric_blocks(out.shape[0])
+    for index, (i0, i1) in enumerate(blocks):
+        xi = x[:, i0:i1]
+        out[i0:i1, i0:i1].addmm_(xi.transpose(0, 1), xi, alpha=alpha)
+        for j0, j1 in blocks[index + 1 :]:
+            product = xi.transpose(0, 1) @ x[:, j0:j1]
+            out[i0:i1, j0:j1].add_(product, alpha=alpha)
+            out[j0:j1, i0:i1].add_(product.transpose(0, 1), alpha=alpha)
+            del product
+    return out
+
+
 def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch.Tensor:
     """The float64 Gram matrix of ``F`` (``[m, n]``) on its short side: ``F^T F`` when
     ``m >= n``, else ``F F^T``, accumulated in blocks of at most ``block_bytes`` of float64."""
@@ -175,10 +210,7 @@ def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch
     step = max(1, block_bytes // (8 * r))
     for start in range(0, m if tall else n, step):
         block = (F[start : start + step] if tall else F[:, start : start + step]).to(torch.float64)
-        if tall:
-            G.addmm_(block.transpose(0, 1), block)
-        else:
-            G.addmm_(block, block.transpose(0, 1))
+        add_symmetric_(G, block if tall else block.transpose(0, 1))
         del block
     return G
 
@@ -300,12 +332,21 @@ def _three_products(out, a_head, a_rest, b_head, b_rest, alpha):
     return out.addmm_(a_head, b_head, alpha=alpha)
 
 
+def _one_product(x: torch.Tensor, precision: str):
+    """The TF32 switch for a ``float32`` or ``tf32`` product of CUDA float32 ``x`` (the
+    setting of :func:`addmm_`); nothing to set elsewhere."""
+    if x.is_cuda and x.dtype == torch.float32:
+        return _Tf32(precision == "tf32")
+    return contextlib.nullcontext()
+
+
 def add_gram_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0,
               precision: str = "float32") -> torch.Tensor:
     """``out += alpha * x^T x`` with no temporary of ``out``'s size (``x`` split only once
-    for ``tf32x3``)."""
+    for ``tf32x3``; otherwise :func:`add_symmetric_`)."""
     if precision != "tf32x3" or x.dtype != torch.float32:
-        return addmm_(out, x.transpose(0, 1), x, alpha=alpha, precision=precision)
+        with _one_product(x, precision):
+            return add_symmetric_(out, x, alpha=alpha)
     head, rest = tf32_split(x)
     with _Tf32(True):
         return _three_products(out, head.transpose(0, 1), rest.transpose(0, 1), head, rest,
@@ -316,12 +357,10 @@ def gram(x: torch.Tensor, *, rows: bool = False, precision: str = "float32") -> 
     """``x^T x`` (``rows=False``) or ``x x^T`` in ``precision``; with ``tf32x3`` the two cross
     terms are one product and its transpose (two tensor-core products instead of three)."""
     a, b = (x, x.transpose(0, 1)) if rows else (x.transpose(0, 1), x)
-    if precision != "tf32x3" or x.dtype != torch.float32:
-        if not x.is_cuda:
-            return a @ b
-        with _Tf32(precision == "tf32" and x.dtype == torch.float32):
-            return a @ b
     out = x.new_zeros(a.shape[0], a.shape[0])
+    if precision != "tf32x3" or x.dtype != torch.float32:
+        with _one_product(x, precision):
+            return add_symmetric_(out, b)
     head, rest = tf32_split(x)
     ha, hb = (head, head.transpose(0, 1)) if rows else (head.transpose(0, 1), head)
     with _Tf32(True):
