@@ -304,18 +304,22 @@ def tf32_split(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return head, tf32_round(x - head)
 
 
+def _one_product(x: torch.Tensor, precision: str):
+    """The TF32 switch for one product of CUDA float32 ``x`` in ``precision`` ``float32``
+    (off) or ``tf32`` (on); nothing to set for other dtypes and devices."""
+    if x.is_cuda and x.dtype == torch.float32:
+        return _Tf32(precision == "tf32")
+    return contextlib.nullcontext()
+
+
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0,
            precision: str = "float32") -> torch.Tensor:
     """``out += alpha * a @ b`` in the resolved ``precision`` (see
     :func:`resolve_matmul_precision`)."""
-    if precision == "float32" or out.dtype != torch.float32:
-        if out.device.type == "cuda" and out.dtype == torch.float32:
-            with _Tf32(False):
-                return out.addmm_(a, b, alpha=alpha)
-        return out.addmm_(a, b, alpha=alpha)
-    with _Tf32(True):
-        if precision == "tf32":
+    if precision != "tf32x3" or out.dtype != torch.float32:
+        with _one_product(out, precision):
             return out.addmm_(a, b, alpha=alpha)
+    with _Tf32(True):
         a_head, a_rest = tf32_split(a)
         # b's halves a block of columns at a time: a large right factor (an [n, n] system)
         # would otherwise need twice its size again in halves.
@@ -330,14 +334,6 @@ def _three_products(out, a_head, a_rest, b_head, b_rest, alpha):
     out.addmm_(a_rest, b_head, alpha=alpha)  # the small terms first
     out.addmm_(a_head, b_rest, alpha=alpha)
     return out.addmm_(a_head, b_head, alpha=alpha)
-
-
-def _one_product(x: torch.Tensor, precision: str):
-    """The TF32 switch for a ``float32`` or ``tf32`` product of CUDA float32 ``x`` (the
-    setting of :func:`addmm_`); nothing to set elsewhere."""
-    if x.is_cuda and x.dtype == torch.float32:
-        return _Tf32(precision == "tf32")
-    return contextlib.nullcontext()
 
 
 def add_gram_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0,
