@@ -235,3 +235,29 @@ def test_base_resaved_in_bf16_is_left_out_with_a_warning(tiny_family, tmp_path):
     expected, _ = kernel_merge(paths, EXPERTS)
     assert_matches(load_state(out), expected, atol=1e-6)
     assert "base_as_bf16" in result.stderr and "storage noise" in result.stderr
+
+
+def test_mergekit_yaml_warns_when_float32_cannot_hold_a_fixed_eps(tiny_family, tmp_path):
+    """Two experts span at most 2 (m - 1) input directions of a tensor: 30 of k_proj's 32,
+    62 of down_proj's 64. There a tiny fixed eps alone holds the system up; the log says which
+    tensor, how much float32 can change it, and the ways out; the merge equals the kernel's."""
+    import re
+
+    names = ["expert_math", "expert_chat"]
+    cfg = write_config(tmp_path / "ace.yml", {
+        "merge_method": "ace",
+        "base_model": str(tiny_family["base"]),
+        "dtype": "float32",
+        "parameters": {"eps": 1.0e-8},
+        "models": model_list(tiny_family, names),
+    })
+    result = mergekit_yaml(cfg, tmp_path / "out")
+    expected, _ = kernel_merge(tiny_family, names, params_for=lambda key: {"eps": 1e-8})
+    assert_matches(load_state(tmp_path / "out"), expected, atol=1e-6)
+    warning = re.search(
+        r"ACE: tensor 'model\.layers\.\d\.(self_attn\.[kv]|mlp\.down)_proj\.weight' "
+        r"\(\[\d+, \d+\], 2 experts, eps 1e-08\): its system's condition number is about "
+        r"[0-9.e+]+, so float32 round-off can change the merged update by up to \d+% of its size",
+        result.stderr)
+    assert warning, result.stderr[-2000:]
+    assert "`eps: auto`" in result.stderr and "`dtype: float64`" in result.stderr

@@ -78,10 +78,10 @@ def summary_text(report: InspectReport) -> str:
     measured = [r.kernel_seconds for r in report.rows if r.kernel_seconds is not None]
     if measured:
         lines.append(f"  measured kernel time (with diagnostic SVDs): {human_seconds(sum(measured))}")
-    conditioned = [r for r in report.rows if r.rcond is not None]
+    conditioned = [r for r in report.rows if r.condition is not None]
     if conditioned:
-        worst = min(conditioned, key=lambda r: r.rcond)
-        lines.append(f"  worst-conditioned system: {worst.name} (rcond {worst.rcond:.2g}, "
+        worst = max(conditioned, key=lambda r: r.condition)
+        lines.append(f"  worst-conditioned system: {worst.name} (condition {worst.condition:.2g}, "
                      f"solver {worst.solver})")
     if report.files:
         lines.append("  wrote: " + ", ".join(os.path.basename(p) for p in report.files.values())

@@ -42,7 +42,7 @@ from mergekit_ace.kernels.common import (
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import RightSolver, resolve_matmul_precision
+from mergekit_ace.kernels.linalg import RightSolver, resolve_matmul_precision, unit_roundoff
 from mergekit_ace.kernels.parameters import DROP_NOISE
 
 TOP_FRACTION = 0.05
@@ -64,7 +64,10 @@ class AceDiagnostics:
     indices of those that entered the merge (positive weight, non-zero task vector); ``noise``
     those whose task vector is storage noise (left out unless ``drop_noise=False``).
     ``gamma`` is the paper's statistic and ``log_spread`` the unit-free one, whichever gated.
-    ``rcond`` is the solver's reciprocal pivot-growth estimate (small: ill-conditioned).
+    ``rcond`` is the solver's reciprocal pivot-growth estimate (small: ill-conditioned);
+    ``condition`` the system's condition number (measured where it could cost float32 more than
+    ``CONDITION_CHECK`` of relative accuracy, else a bound; :class:`~mergekit_ace.kernels.
+    linalg.SolveInfo`).
     ``matmul``: the precision the large products ran in (``float32``, ``tf32x3``, ``tf32``).
     ``concentration_pre`` / ``concentration_post`` (only with ``spectra=True``): the share of
     squared singular-value mass held by the top 5 % of directions of ``W_pre`` and of the
@@ -84,6 +87,7 @@ class AceDiagnostics:
     sigma_iso: Optional[float] = None
     solver: Optional[str] = None
     rcond: Optional[float] = None
+    condition: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
     matmul: Optional[str] = None
@@ -135,7 +139,8 @@ def ace_merge(
     method as published (its value of ``eps`` for LLMs and its eq. 7 statistic). Computation
     runs in ``compute_dtype`` (float32, or float64 if any input is) on the inputs' device;
     the result is cast to ``out_dtype`` (default: the base tensor's dtype). ``spectra=True``
-    also records singular values before and after refinement (two extra SVDs).
+    also records singular values before and after refinement (two extra SVDs) and measures
+    every system's condition number (:class:`AceDiagnostics`).
 
     On CUDA, a 2-D tensor whose estimated workspace (:func:`estimate_ace_cost`) does not fit
     in the free device memory is handled by ``oom_fallback``: ``"cpu"`` computes it on the
@@ -209,6 +214,7 @@ def ace_merge(
     src = TaskVectorRows(base, [experts[i] for i in scan.indices], dtype, scan.means)
     W = _merge_2d(src, scan, plan, heterogeneous=heterogeneous, eps=eps, prior=prior,
                   diag=diag, spectra=spectra, like=scan.means[0])
+    report_conditioning(diag, dtype, eps)
     remedy = "raise `eps` for this tensor (it regularizes the system) or compute in float64 " \
         "(`dtype: float64`)"
     return finish_rows(base, W, lam, out_dtype, tensor_name, plan.blocks, remedy), diag
@@ -286,16 +292,18 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
     if plan.k:
         # The system's storage is handed over, so refinement can free it after factoring.
         W, info, diag.sigma_iso, diag.spectral, diag.k = refine_phase(
-            src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre
+            src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre,
+            measure_condition=spectra,
         )
     else:
-        solver = RightSolver.factor(*build_system(acc, **system))
+        solver = RightSolver.factor(*build_system(acc, **system), floor=acc.ridge,
+                                    measure=spectra)
         solve_rows_(solver, acc.N, plan)
         W, info = acc.N, solver.info
         del solver
         if record_pre is not None:
             record_pre(W)
-    diag.solver, diag.rcond = info.method, info.rcond
+    diag.solver, diag.rcond, diag.condition = info.method, info.rcond, info.condition
     if spectra:
         if diag.sigma_iso is None:
             diag.singular_values_post = diag.singular_values_pre
@@ -305,6 +313,45 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
             diag.singular_values_post = s_post.tolist()
             diag.concentration_post = concentration(s_post)
     return W
+
+
+# Relative change of the merged update that float round-off may cause (condition * unit
+# round-off) above which the merge is reported: the result is then not the solution the
+# configuration asks for, to the precision it was computed in.
+ACCURACY_WARN = 1e-2
+_conditioning_reported: set = set()
+
+
+def report_conditioning(diag: AceDiagnostics, dtype: torch.dtype, eps) -> None:
+    """Warn when ``diag``'s system is too ill-conditioned for ``dtype`` (once per ``eps`` and
+    dtype; later tensors at debug level)."""
+    if diag.condition is None:
+        return
+    loss = diag.condition * unit_roundoff(dtype)
+    if not loss > ACCURACY_WARN:
+        return
+    rows, cols = diag.shape
+    precision = str(dtype).replace("torch.", "")
+    if diag.solver != "cholesky":
+        what = (f"its system is singular or indefinite in {precision} (solved by "
+                f"{'least squares' if diag.solver == 'lstsq' else 'LU'}), so round-off can "
+                "change the merged update by more than its own size")
+    else:
+        change = "more than its own size" if loss >= 1 else f"up to {loss:.0%} of its size"
+        what = (f"its system's condition number is about {diag.condition:.1e}, so {precision} "
+                f"round-off can change the merged update by {change}")
+    name = repr(diag.tensor) if diag.tensor else "(unnamed)"
+    message = (
+        f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, eps {eps}): "
+        f"{what}. Use `eps: auto` (the default, which bounds the condition number by 4097), "
+        "raise `eps`, or compute in float64 (`dtype: float64`)."
+    )
+    key = (str(eps), dtype)
+    if key in _conditioning_reported:
+        logger.debug("%s", message)
+        return
+    _conditioning_reported.add(key)
+    logger.warning("%s Further tensors with this eps are reported at debug level.", message)
 
 
 def _return_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

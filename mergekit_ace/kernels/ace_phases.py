@@ -331,12 +331,14 @@ def refine(
     plan: WorkspacePlan,
     *,
     spectra_pre: Optional[Callable[[torch.Tensor], None]] = None,
+    measure_condition: bool = False,
 ) -> Tuple[torch.Tensor, SolveInfo, Optional[float], str, int]:
     """Phases 2 and 3 of the heterogeneous branch (eq. 14-19). Returns ``W`` (stored in
     ``acc.N``), the solver's report, ``sigma_iso``, how the top ``k`` directions were
     found (``"gram-eigh"`` or ``"svd"``) and how many were boosted (fewer than ``plan.k``
     when ``F`` has lower numerical rank). ``spectra_pre(W_pre)`` is called on the preliminary
-    solution when given (``plan.keep_f`` only)."""
+    solution when given (``plan.keep_f`` only); ``measure_condition``: measure the system's
+    condition number even where its bound is small (``RightSolver.factor``)."""
     N = acc.N
     residual = ResidualRows(src, weights, acc, B, plan.matmul)
     if plan.keep_f:
@@ -344,7 +346,7 @@ def refine(
         for start, stop in plan.blocks:  # D first: it needs B, which the factor replaces
             F[start:stop] = residual.rows(N[start:stop], start, stop)
         del residual
-        solver = RightSolver.factor(B, c)
+        solver = RightSolver.factor(B, c, floor=acc.ridge, measure=measure_condition)
         del B
         solve_rows_(solver, N, plan)
         F.add_(N)
@@ -354,7 +356,7 @@ def refine(
         return N, solver.info, sigma, spectral, k
 
     # Streaming: F re-formed block by block, for its Gram and again for the update.
-    solver = RightSolver.factor(B, c)
+    solver = RightSolver.factor(B, c, floor=acc.ridge, measure=measure_condition)
 
     def f_rows(start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         W_rows = solver.solve(N[start:stop])

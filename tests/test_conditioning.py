@@ -1,0 +1,134 @@
+"""The ACE system's condition number: bounded from the ridge, measured from the Cholesky factor
+where float round-off could matter, reported by the kernel, and turned into a warning when
+float32 can change the merged update by more than 1 % (a fixed ``eps`` too small for the
+experts' scale)."""
+
+import logging
+
+import pytest
+import torch
+
+from mergekit_ace.kernels import ace as ace_kernel
+from mergekit_ace.kernels.ace import ACCURACY_WARN, ace_merge
+from mergekit_ace.kernels.linalg import RightSolver, cholesky_condition, unit_roundoff
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reports():
+    ace_kernel._conditioning_reported.clear()
+    yield
+    ace_kernel._conditioning_reported.clear()
+
+
+def _spd(eigenvalues, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g,
+                                       dtype=torch.float64))
+    lam = torch.tensor(eigenvalues, dtype=torch.float64)
+    return ((Q * lam) @ Q.T).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spectrum", ["geometric", "ridge_cluster"])
+def test_cholesky_condition_against_the_constructed_spectrum(dtype, spectrum):
+    n = 160
+    if spectrum == "geometric":
+        lam = torch.logspace(0, 5, n).tolist()
+    else:  # a rank-40 sum of proxies plus a ridge: 120 eigenvalues at the ridge
+        lam = [1e-4] * 120 + torch.linspace(0.5, 3.0, 40).tolist()
+    true = max(lam) / min(lam)
+    L = torch.linalg.cholesky(_spd(lam, dtype=dtype))
+    estimate = cholesky_condition(L)
+    assert 0.7 * true <= estimate <= 1.01 * true
+
+
+def _rank_deficient_experts(dtype=torch.float64, T=2, m=24, n=96):
+    """``T m < n``: the summed proxies have rank at most ``T (m - 1)``, so only the ridge
+    holds the system up."""
+    g = torch.Generator().manual_seed(0)
+    base = 0.02 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    experts = [base + 1e-2 * torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(T)]
+    return base.to(dtype), [e.to(dtype) for e in experts]
+
+
+def _true_condition(base, experts, eps):
+    """cond_2 of the homogeneous system ``sum_t (C_t^T C_t + eps I)``, all in float64."""
+    C = [(e.double() - base.double()) - (e.double() - base.double()).mean(0) for e in experts]
+    B = sum(c.T @ c for c in C) + len(C) * eps * torch.eye(base.shape[1], dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(B)
+    return float(ev[-1] / ev[0])
+
+
+def _relative_change(out, reference, base):
+    d, d_ref = out.double() - base.double(), reference.double() - base.double()
+    return float((d - d_ref).norm() / d_ref.norm())
+
+
+def test_bound_from_the_ridge_when_it_is_small_enough():
+    # eps: auto sets the ridge to tr / 4096: bound tr(B) / ridge - n + 1 = 4097 exactly.
+    base, experts = _rank_deficient_experts()
+    _, diag = ace_merge(base, experts, gate="off")
+    assert diag.condition == pytest.approx(4097.0, rel=1e-9)
+    assert _true_condition(base, experts, diag.ridge) <= diag.condition
+
+
+def test_factor_bound_by_hand():
+    B = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    # floor 1: tr / floor - n + 1 = 6 - 3 + 1 = 4 >= true 3 (float64: not measured)
+    assert RightSolver.factor(B, None, floor=1.0).info.condition == pytest.approx(4.0)
+    assert RightSolver.factor(B, None, floor=1.0, measure=True).info.condition == \
+        pytest.approx(3.0, rel=1e-6)
+    assert RightSolver.factor(B, None).info.condition is None
+
+
+@pytest.mark.parametrize("eps,warns", [(1e-6, False), (1e-8, True)])
+def test_float32_warning_tracks_the_real_error(eps, warns, caplog):
+    """The measured condition number matches the constructed system's; ``condition * u``
+    bounds the float32 result's distance from float64; past 1 % the merge warns, naming the
+    tensor and the ways out."""
+    base, experts = _rank_deficient_experts()
+    reference, _ = ace_merge(base, experts, eps=eps, gate="off")
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        out, diag = ace_merge(base.float(), [e.float() for e in experts], eps=eps, gate="off",
+                              tensor_name="model.layers.0.mlp.down_proj.weight")
+    true = _true_condition(base, experts, eps)
+    assert diag.solver == "cholesky"
+    assert diag.condition == pytest.approx(true, rel=0.05)
+    change = _relative_change(out, reference, base)
+    loss = diag.condition * unit_roundoff(torch.float32)
+    assert change <= loss
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warns:
+        assert change > ACCURACY_WARN  # the warning is not a false alarm
+        assert len(messages) == 1
+        for part in ("model.layers.0.mlp.down_proj.weight", "eps 1e-08", "float32", "eps: auto",
+                     "dtype: float64", f"{loss:.0%}"):
+            assert part in messages[0]
+    else:
+        assert change < ACCURACY_WARN and not messages
+
+
+def test_no_warning_with_auto_or_float64_and_once_per_eps(caplog):
+    base, experts = _rank_deficient_experts()
+    with caplog.at_level(logging.DEBUG, logger="mergekit_ace"):
+        ace_merge(base.float(), [e.float() for e in experts], gate="off")  # eps: auto
+        ace_merge(base, experts, eps=1e-8, gate="off")  # float64
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        for name in ("a", "b"):
+            ace_merge(base.float(), [e.float() for e in experts], eps=1e-8, gate="off",
+                      tensor_name=name)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.DEBUG and "condition number" in r.getMessage()]
+    assert len(warned) == 1 and "'a'" in warned[0]
+    assert len(debug) == 1 and "'b'" in debug[0]
+
+
+def test_singular_in_float32_is_reported_as_such(caplog):
+    base, experts = _rank_deficient_experts()
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        out, diag = ace_merge(base.float(), [e.float() for e in experts], eps=1e-14, gate="off")
+    assert diag.solver in ("lu", "lstsq") and torch.isfinite(out).all()
+    assert diag.condition == float("inf")
+    message = caplog.records[-1].getMessage()
+    assert "singular or indefinite in float32" in message and "more than its own size" in message
