@@ -86,3 +86,16 @@ def test_mergekit_yaml_cuda_matches_cpu_kernel(tiny_family, tmp_path):
     for key, w0 in base.items():
         expected, _ = ace_merge(w0, [e[key] for e in experts])
         assert rel_err(merged[key] - w0, expected - w0) < 1e-3, key
+
+
+def test_condition_number_on_cuda_matches_cpu():
+    """The condition estimate (power and inverse iteration on the Cholesky factor) on the GPU
+    gives the CPU's value for a rank-deficient system with a tiny fixed eps."""
+    from tests.test_conditioning import _rank_deficient_experts
+
+    base, experts = _rank_deficient_experts(torch.float32)
+    _, cpu = ace_merge(base, experts, eps=1e-8, gate="off")
+    _, gpu = ace_merge(base.cuda(), [e.cuda() for e in experts], eps=1e-8, gate="off",
+                       matmul_precision="float32")
+    assert gpu.solver == cpu.solver == "cholesky"
+    assert gpu.condition == pytest.approx(cpu.condition, rel=0.05)
