@@ -132,3 +132,43 @@ def test_singular_in_float32_is_reported_as_such(caplog):
     assert diag.condition == float("inf")
     message = caplog.records[-1].getMessage()
     assert "singular or indefinite in float32" in message and "more than its own size" in message
+
+
+def _nearly_low_rank_experts(noise, m=512, n=512, seed=0):
+    """Rank-8 updates of uneven scale plus ``noise`` times a full-rank part: the refined
+    matrix's spectrum falls steeply, so its k-th singular value is small beside the first."""
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(m, n, generator=g)
+    experts = [base + s * (torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
+                           + noise * torch.randn(m, n, generator=g)) for s in (0.002, 0.02, 0.006)]
+    return base, experts
+
+
+def test_refinement_spread_warning_tracks_the_real_error(caplog):
+    """Boosting directions down to ``s_1 / spread`` multiplies the solve's float32 round-off by
+    ``spread``: with ``eps: auto`` (condition bounded by 4097) the estimate ``condition * u *
+    spread`` is measured, stays within a small factor of the real distance from float64, and
+    past 1 % the merge warns with the remedies that apply (float64, a lower k_frac)."""
+    from tests.reference import reference_ace, rel_err
+
+    base, experts = _nearly_low_rank_experts(noise=0.003)
+    ref, _ = reference_ace(base, experts, gate="on", eps="auto", gate_statistic="log_spread")
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        out, diag = ace_merge(base, experts, gate="on", tensor_name="t")
+    change = rel_err(out - base, ref - base.double())
+    estimate = diag.condition * unit_roundoff(torch.float32) * diag.spread
+    assert diag.branch == "heterogeneous" and diag.spread > 1000
+    assert diag.condition < 4097  # measured (the bound alone would allow a warning)
+    assert change > ACCURACY_WARN and estimate / 10 < change < 2 * estimate
+    message = caplog.records[-1].getMessage()
+    assert "the spectral refinement, boosting 153 directions down to 1/" in message
+    assert "For this tensor, lower `k_frac`, or compute in float64 (`dtype: float64`)" in message
+
+
+def test_no_measurement_or_warning_for_a_well_spread_spectrum(caplog):
+    base, experts = _nearly_low_rank_experts(noise=0.3)
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        _, diag = ace_merge(base, experts, gate="on")
+    assert diag.spread < 41  # 4097 * 6e-8 * 41 = 1 %: the bound suffices
+    assert diag.condition == pytest.approx(4097.0)
+    assert not caplog.records

@@ -44,6 +44,7 @@ class TensorRow:
     matmul: Optional[str] = None
     rcond: Optional[float] = None
     condition: Optional[float] = None
+    spread: Optional[float] = None  # s_1 / s_k over the refined directions
     ridge: Optional[float] = None
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None

@@ -130,6 +130,7 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
     row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
+    row.spread = diag.spread
     if diag.condition is not None:
         row.condition = diag.condition
     elif diag.rcond is not None:

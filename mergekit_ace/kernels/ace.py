@@ -42,7 +42,12 @@ from mergekit_ace.kernels.common import (
     task_vectors,
     weighted_mean_delta,
 )
-from mergekit_ace.kernels.linalg import RightSolver, resolve_matmul_precision, unit_roundoff
+from mergekit_ace.kernels.linalg import (
+    ACCURACY_WARN,
+    RightSolver,
+    resolve_matmul_precision,
+    unit_roundoff,
+)
 from mergekit_ace.kernels.parameters import DROP_NOISE
 
 TOP_FRACTION = 0.05
@@ -66,8 +71,9 @@ class AceDiagnostics:
     ``gamma`` is the paper's statistic and ``log_spread`` the unit-free one, whichever gated.
     ``rcond`` is the solver's reciprocal pivot-growth estimate (small: ill-conditioned);
     ``condition`` the system's condition number (measured where it could cost float32 more than
-    ``CONDITION_CHECK`` of relative accuracy, else a bound; :class:`~mergekit_ace.kernels.
-    linalg.SolveInfo`).
+    ``ACCURACY_WARN`` of relative accuracy, else a bound; :class:`~mergekit_ace.kernels.
+    linalg.SolveInfo`). ``spread``: ``s_1 / s_k`` over the directions the refinement boosted,
+    the factor by which it multiplies the solve's relative round-off.
     ``matmul``: the precision the large products ran in (``float32``, ``tf32x3``, ``tf32``).
     ``concentration_pre`` / ``concentration_post`` (only with ``spectra=True``): the share of
     squared singular-value mass held by the top 5 % of directions of ``W_pre`` and of the
@@ -88,6 +94,7 @@ class AceDiagnostics:
     solver: Optional[str] = None
     rcond: Optional[float] = None
     condition: Optional[float] = None
+    spread: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
     matmul: Optional[str] = None
@@ -291,7 +298,7 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
     record_pre = record_pre if spectra else None
     if plan.k:
         # The system's storage is handed over, so refinement can free it after factoring.
-        W, info, diag.sigma_iso, diag.spectral, diag.k = refine_phase(
+        W, info, diag.sigma_iso, diag.spectral, diag.k, diag.spread = refine_phase(
             src, scan.weights, acc, *build_system(acc, **system), plan, spectra_pre=record_pre,
             measure_condition=spectra,
         )
@@ -315,37 +322,42 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
     return W
 
 
-# Relative change of the merged update that float round-off may cause (condition * unit
-# round-off) above which the merge is reported: the result is then not the solution the
-# configuration asks for, to the precision it was computed in.
-ACCURACY_WARN = 1e-2
 _conditioning_reported: set = set()
 
 
 def report_conditioning(diag: AceDiagnostics, dtype: torch.dtype, eps) -> None:
-    """Warn when ``diag``'s system is too ill-conditioned for ``dtype`` (once per ``eps`` and
-    dtype; later tensors at debug level)."""
+    """Warn when ``dtype``'s round-off, multiplied by ``diag``'s condition number and the
+    refinement's spread, can change the merged update by more than ``ACCURACY_WARN`` (once
+    per ``eps`` and dtype; later tensors at debug level)."""
     if diag.condition is None:
         return
-    loss = diag.condition * unit_roundoff(dtype)
+    u = unit_roundoff(dtype)
+    spread = max(1.0, diag.spread or 1.0)
+    loss = diag.condition * u * spread
     if not loss > ACCURACY_WARN:
         return
     rows, cols = diag.shape
     precision = str(dtype).replace("torch.", "")
+    change = "more than its own size" if loss >= 1 else f"up to {loss:.0%} of its size"
+    raise_eps = "use `eps: auto` (the default, which bounds the condition number by 4097) or " \
+        "a larger `eps`"
     if diag.solver != "cholesky":
         what = (f"its system is singular or indefinite in {precision} (solved by "
                 f"{'least squares' if diag.solver == 'lstsq' else 'LU'}), so round-off can "
                 "change the merged update by more than its own size")
+        remedy = raise_eps
     else:
-        change = "more than its own size" if loss >= 1 else f"up to {loss:.0%} of its size"
-        what = (f"its system's condition number is about {diag.condition:.1e}, so {precision} "
-                f"round-off can change the merged update by {change}")
+        what = f"its system's condition number is about {diag.condition:.1e}"
+        if spread > 1:
+            what += (f" and the spectral refinement, boosting {diag.k} directions down to "
+                     f"1/{spread:.0f} of the largest singular value, multiplies the solve's "
+                     f"round-off by {spread:.0f}")
+        what += f", so {precision} round-off can change the merged update by {change}"
+        remedy = raise_eps if diag.condition * u > ACCURACY_WARN else "lower `k_frac`"
+    remedy = f"For this tensor, {remedy}, or compute in float64 (`dtype: float64`)."
     name = repr(diag.tensor) if diag.tensor else "(unnamed)"
-    message = (
-        f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, eps {eps}): "
-        f"{what}. Use `eps: auto` (the default, which bounds the condition number by 4097), "
-        "raise `eps`, or compute in float64 (`dtype: float64`)."
-    )
+    message = (f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, "
+               f"eps {eps}): {what}. {remedy}")
     key = (str(eps), dtype)
     if key in _conditioning_reported:
         logger.debug("%s", message)

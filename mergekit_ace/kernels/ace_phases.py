@@ -19,7 +19,7 @@ it is about one ``[m, n]`` buffer in the compute dtype plus ``[n, n]`` matrices.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -332,13 +332,12 @@ def refine(
     *,
     spectra_pre: Optional[Callable[[torch.Tensor], None]] = None,
     measure_condition: bool = False,
-) -> Tuple[torch.Tensor, SolveInfo, Optional[float], str, int]:
-    """Phases 2 and 3 of the heterogeneous branch (eq. 14-19). Returns ``W`` (stored in
-    ``acc.N``), the solver's report, ``sigma_iso``, how the top ``k`` directions were
-    found (``"gram-eigh"`` or ``"svd"``) and how many were boosted (fewer than ``plan.k``
-    when ``F`` has lower numerical rank). ``spectra_pre(W_pre)`` is called on the preliminary
-    solution when given (``plan.keep_f`` only); ``measure_condition``: measure the system's
-    condition number even where its bound is small (``RightSolver.factor``)."""
+) -> "Refined":
+    """Phases 2 and 3 of the heterogeneous branch (eq. 14-19), as a :class:`Refined`.
+    ``spectra_pre(W_pre)`` is called on the preliminary solution when given (``plan.keep_f``
+    only); ``measure_condition``: measure the system's condition number even where its bound
+    is small (``RightSolver.factor``). It is also measured where the refinement's ``spread``
+    could carry the solve's round-off past ``ACCURACY_WARN``."""
     N = acc.N
     residual = ResidualRows(src, weights, acc, B, plan.matmul)
     if plan.keep_f:
@@ -352,8 +351,9 @@ def refine(
         F.add_(N)
         if spectra_pre is not None:
             spectra_pre(N)
-        sigma, spectral, k = _isotropic_update_(N, F, plan)
-        return N, solver.info, sigma, spectral, k
+        sigma, spectral, k, spread = _isotropic_update_(N, F, plan)
+        solver.check_condition(spread)
+        return Refined(N, solver.info, sigma, spectral, k, spread)
 
     # Streaming: F re-formed block by block, for its Gram and again for the update.
     solver = RightSolver.factor(B, c, floor=acc.ridge, measure=measure_condition)
@@ -373,23 +373,40 @@ def refine(
         F = torch.empty_like(N)
         for start, stop in plan.blocks:
             N[start:stop], F[start:stop] = f_rows(start, stop)
-        sigma, spectral, k = _isotropic_update_(N, F, plan)
-        return N, solver.info, sigma, spectral, k
-    P, sigma = top
+        sigma, spectral, k, spread = _isotropic_update_(N, F, plan)
+        solver.check_condition(spread)
+        return Refined(N, solver.info, sigma, spectral, k, spread)
+    P, sigma, spread = top
+    solver.check_condition(spread)
     P = P.to(N.dtype)
     for start, stop in plan.blocks:
         W_rows, F_rows = f_rows(start, stop)
         N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
         del W_rows, F_rows
-    return N, solver.info, sigma, "gram-eigh", plan.k
+    return Refined(N, solver.info, sigma, "gram-eigh", plan.k, spread)
+
+
+class Refined(NamedTuple):
+    """What :func:`refine` returns: ``W`` (stored in ``acc.N``), the solver's report,
+    ``sigma_iso``, how the top ``k`` directions were found (``"gram-eigh"`` or ``"svd"``),
+    how many were boosted (fewer than ``plan.k`` when ``F`` has lower numerical rank) and
+    ``spread = s_1 / s_k`` over them (``None`` when none were): the factor by which boosting
+    the weakest of them multiplies the relative round-off of ``F``."""
+
+    W: torch.Tensor
+    info: SolveInfo
+    sigma: Optional[float]
+    spectral: str
+    k: int
+    spread: Optional[float]
 
 
 def _isotropic_update_(
     W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan
-) -> Tuple[Optional[float], str, int]:
+) -> Tuple[Optional[float], str, int, Optional[float]]:
     """``W += sigma_iso U_k V_k^T`` (eq. 17-19) in place, with ``F`` consumed:
     ``U_k V_k^T = F P`` (tall) or ``P F`` (wide) from the Gram's projector, or a thin SVD of
-    ``F`` where that declines. Returns ``(sigma_iso, how, directions boosted)``.
+    ``F`` where that declines. Returns ``(sigma_iso, how, directions boosted, s_1 / s_k)``.
 
     In the SVD, numerically zero directions of ``F`` (low-rank experts) are not boosted: their
     singular vectors are arbitrary and would write noise of size ``sigma_iso``. ``F`` comes out
@@ -401,15 +418,15 @@ def _isotropic_update_(
         U, s, Vh = top_singular_triplets(F, plan.k, scale=scale)
         del F
         if not s.numel():
-            return None, "svd", 0
+            return None, "svd", 0, None
         sigma = float(s.mean())
         W.addmm_(U, Vh, alpha=sigma)
-        return sigma, "svd", int(s.numel())
-    P, sigma = top
+        return sigma, "svd", int(s.numel()), float(s[0] / s[-1])
+    P, sigma, spread = top
     P = P.to(W.dtype)
     if plan.m >= plan.n:
         for start, stop in plan.blocks:
             addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
     else:
         addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
-    return sigma, "gram-eigh", plan.k
+    return sigma, "gram-eigh", plan.k, spread

@@ -20,7 +20,7 @@ class SolveInfo:
     ``condition``: the 2-norm condition number of the symmetric part ``B``, which bounds the
     relative accuracy a solve at unit round-off ``u`` can lose (``condition * u``). Measured
     (:func:`cholesky_condition`) where the bound from the ridge (``RightSolver.factor``'s
-    ``floor``) allows a loss above ``CONDITION_CHECK`` or when asked; otherwise that bound,
+    ``floor``) allows a loss above ``ACCURACY_WARN`` or when asked; otherwise that bound,
     which is then small enough. Infinite for LU and least squares (the system was singular or
     indefinite at working precision; a Cholesky pivot ratio below ``eps`` already means a
     condition number above ``1 / eps``, since the pivots lie between the extreme
@@ -32,6 +32,7 @@ class SolveInfo:
     method: str
     rcond: float
     condition: Optional[float] = None
+    measured: bool = False
 
 
 # The unit of every numerical-rank cutoff: float32's machine epsilon, whatever the compute
@@ -39,16 +40,18 @@ class SolveInfo:
 RANK_EPS = torch.finfo(torch.float32).eps
 
 
-# Loss of relative accuracy (condition * unit round-off) above which a solve's condition number
-# is measured rather than bounded; float32 with ``eps: auto`` stays below it (4097 * 6e-8).
-CONDITION_CHECK = 1e-3
+# Relative change of a result that round-off can cause (condition number * unit round-off *
+# amplification by later steps) above which the kernels report it. A solve's condition number
+# is measured, not just bounded, where the bound allows that much; float32 with ``eps: auto``
+# stays far below it (4097 * 6e-8 = 2.4e-4).
+ACCURACY_WARN = 1e-2
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def cholesky_condition(L: torch.Tensor, *, iterations: int = 6, block: int = 4) -> float:
+def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) -> float:
     """An estimate of ``cond_2(L L^T) = (s_max(L) / s_min(L))^2`` from the Cholesky factor
     ``L`` alone: block power iteration on ``L L^T`` for the largest eigenvalue and inverse
     iteration through the factor for the smallest (each step ``O(n^2 block)``; no new
@@ -174,15 +177,23 @@ class RightSolver:
             trace = float(B.diagonal().sum(dtype=torch.float64))
             bound = max(1.0, trace / floor - n + 1) if floor > 0 else math.inf
         solver = cls._cholesky(B, c) or cls._lu(B if c is None else B + c.unsqueeze(0))
-        info = solver.info
         if bound is not None:
-            if info.method != "cholesky":  # B, or A with the prior, singular at this precision
-                info.condition = math.inf
-            elif measure or bound * unit_roundoff(B.dtype) > CONDITION_CHECK:
-                info.condition = min(bound, cholesky_condition(solver._factors[0]))
-            else:
-                info.condition = bound
+            # LU or least squares: B, or A with the prior, is singular at this precision
+            solver.info.condition = bound if solver.info.method == "cholesky" else math.inf
+            solver.check_condition(force=measure)
         return solver
+
+    def check_condition(self, amplification: float = 1.0, *, force: bool = False) -> None:
+        """Replace the bound in ``info.condition`` by a measurement (:func:`cholesky_condition`)
+        when ``bound * u * amplification`` exceeds ``ACCURACY_WARN`` (``amplification``: by
+        how much a later step multiplies the solve's relative error), or when ``force``."""
+        info = self.info
+        if info.condition is None or info.measured or info.method != "cholesky":
+            return
+        L = self._factors[0]
+        if force or info.condition * unit_roundoff(L.dtype) * amplification > ACCURACY_WARN:
+            info.condition = min(info.condition, cholesky_condition(L))
+            info.measured = True
 
     @classmethod
     def _cholesky(cls, B: torch.Tensor, c: Optional[torch.Tensor]) -> Optional["RightSolver"]:
@@ -285,10 +296,12 @@ def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch
     return G
 
 
-def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
-    """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`), ``(P, mean(s[:k]))``
-    with ``P = V_k diag(1/s_k) V_k^T`` (``[r, r]``, float64) for the top ``k`` singular triplets
-    of ``F``, so that ``U_k V_k^T = F P`` (``F`` tall) or ``P F`` (wide) without the SVD.
+def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float, float]]:
+    """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`),
+    ``(P, mean(s[:k]), s_1 / s_k)`` with ``P = V_k diag(1/s_k) V_k^T`` (``[r, r]``, float64) for
+    the top ``k`` singular triplets of ``F``, so that ``U_k V_k^T = F P`` (``F`` tall) or
+    ``P F`` (wide) without the SVD. ``s_1 / s_k`` is by how much boosting the ``k``-th
+    direction multiplies the relative round-off ``F`` carries.
 
     The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
     a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.
@@ -303,7 +316,7 @@ def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor,
         return None
     V = vecs[:, -k:].flip(1)
     del vecs
-    return (V / s) @ V.transpose(0, 1), float(s.mean())
+    return (V / s) @ V.transpose(0, 1), float(s.mean()), float(s[0] / s[-1])
 
 
 def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
@@ -312,7 +325,7 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
     top = isotropic_projector(short_side_gram(F), k)
     if top is None:
         return None
-    P, sigma = top
+    P, sigma, _ = top
     P = P.to(F.dtype)
     return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
 
