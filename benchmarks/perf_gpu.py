@@ -91,6 +91,9 @@ def kernel(args):
                         "matmul": getattr(diag, "matmul", None), "branch": diag.branch,
                         "spectral": diag.spectral, "seconds": best, "peak_bytes": peak,
                         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                        # whether the condition number was measured (spread > 41 at eps: auto)
+                        "condition": getattr(diag, "condition", None),
+                        "spread": getattr(diag, "spread", None),
                     })
             del base, experts
 
