@@ -104,6 +104,7 @@ def planned_tensors(planner: Any) -> List[Tuple[Any, Any]]:
 _config_checks: List[Callable[[Any, Optional[str]], None]] = []
 _plan_checks: List[Callable[[Any], None]] = []
 _card_extensions: List[Callable[[Any, str], str]] = []
+_merge_ends: List[Callable[[Any], None]] = []
 # Set while run_merge runs, so the planner does not check the same config a second time.
 _checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
 
@@ -122,6 +123,13 @@ def on_plan(check: Callable[[Any], None]) -> None:
     loaded; what it raises stops the merge."""
     if check not in _plan_checks:
         _plan_checks.append(check)
+
+
+def on_merge_end(report: Callable[[Any], None]) -> None:
+    """Call ``report(merge_configuration)`` when a ``run_merge`` has finished writing the
+    merged model."""
+    if report not in _merge_ends:
+        _merge_ends.append(report)
 
 
 def on_card(extend: Callable[[Any, str], str]) -> None:
@@ -172,9 +180,12 @@ def _patch_merge(module: Any) -> None:
         _run_checks(merge_config, source if isinstance(source, str) else None)
         token = _checked.set(True)
         try:
-            return original_run(merge_config, *args, **kwargs)
+            result = original_run(merge_config, *args, **kwargs)
         finally:
             _checked.reset(token)
+        for report in _merge_ends:
+            report(merge_config)
+        return result
 
     original_card = module.generate_card
 

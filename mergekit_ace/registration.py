@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 if TYPE_CHECKING:  # importing mergekit here would re-enter this module through the hook
     from mergekit.merge_methods.base import MergeMethod
@@ -71,12 +71,15 @@ def is_ours(name: str) -> bool:
 
 def install_hooks() -> None:
     """Check every merge configuration before planning (unknown parameters) and after it (the
-    experts' tensor shapes), and credit this package's methods on the model card; idempotent."""
+    experts' tensor shapes), report the kernels' findings per merge, and credit this package's
+    methods on the model card; idempotent."""
     from mergekit_ace import card, compat, config_check
 
     compat.on_config(config_check.warn_ineffective_parameters)
+    compat.on_config(start_reports)
     compat.on_plan(config_check.check_planned_shapes)
     compat.on_card(card.extend_card)
+    compat.on_merge_end(summarize_reports)
     pending = [name for name in compat.PATCHED_MODULES if not compat.patch_loaded(name)]
     if pending:
         try:
@@ -86,6 +89,25 @@ def install_hooks() -> None:
                         "credits need `pip install -e .`")
             return
         _mergekit_ace_autoload.install(pending)
+
+
+def start_reports(config: Any = None, source: Any = None) -> None:
+    """Each merge reports its kernels' findings afresh (the first per model or per ``eps`` as
+    a warning), even in a process that merged before."""
+    from mergekit_ace.kernels.common import reset_reports
+
+    reset_reports()
+
+
+def summarize_reports(config: Any = None) -> None:
+    """After a merge: how many tensors round-off can change by more than 1 %, where the log
+    named only the first (the rest are at debug level, ``-vv``)."""
+    from mergekit_ace.kernels.ace import accuracy_reports
+
+    count = accuracy_reports.total()
+    if count > 1:
+        LOG.warning("ACE: in this merge, round-off can change the merged update of %d tensors "
+                    "by more than 1 %% (the first is named above, all of them with -vv).", count)
 
 
 def after_import(module_name: str) -> None:

@@ -8,16 +8,16 @@ import logging
 import pytest
 import torch
 
-from mergekit_ace.kernels import ace as ace_kernel
+from mergekit_ace.kernels.common import reset_reports
 from mergekit_ace.kernels.ace import ACCURACY_WARN, ace_merge
 from mergekit_ace.kernels.linalg import RightSolver, cholesky_condition, unit_roundoff
 
 
 @pytest.fixture(autouse=True)
 def _fresh_reports():
-    ace_kernel._conditioning_reported.clear()
+    reset_reports()
     yield
-    ace_kernel._conditioning_reported.clear()
+    reset_reports()
 
 
 def _spd(eigenvalues, seed=0, dtype=torch.float64):
@@ -172,3 +172,37 @@ def test_no_measurement_or_warning_for_a_well_spread_spectrum(caplog):
     assert diag.spread < 41  # 4097 * 6e-8 * 41 = 1 %: the bound suffices
     assert diag.condition == pytest.approx(4097.0)
     assert not caplog.records
+
+
+def test_each_run_merge_reports_afresh_and_counts_every_tensor(tiny_family, tmp_path, caplog):
+    """In one process, every ``run_merge`` names its first affected tensor as a warning (the
+    reports start afresh per merge) and ends with the number of affected tensors, which is the
+    number of per-tensor reports the log received."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from tests.tiny_models import model_list
+
+    config = MergeConfiguration.model_validate({
+        "merge_method": "ace",
+        "base_model": str(tiny_family["base"]),
+        "dtype": "float32",
+        "parameters": {"eps": 1.0e-8},
+        "models": model_list(tiny_family, ["expert_math", "expert_chat"]),
+    })
+    counts = []
+    for i in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mergekit_ace"):
+            run_merge(config, str(tmp_path / f"out{i}"), MergeOptions(quiet=True))
+        tensors = [r for r in caplog.records if r.getMessage().startswith("ACE: tensor ")]
+        assert tensors[0].levelno == logging.WARNING
+        assert all(r.levelno == logging.DEBUG for r in tensors[1:])
+        summary = [r.getMessage() for r in caplog.records if "in this merge" in r.getMessage()]
+        assert len(tensors) > 1
+        assert summary == [f"ACE: in this merge, round-off can change the merged update of "
+                           f"{len(tensors)} tensors by more than 1 % (the first is named above, "
+                           "all of them with -vv)."]
+        counts.append(len(tensors))
+    assert counts[0] == counts[1]

@@ -26,9 +26,9 @@ KERNELS = {
 
 @pytest.fixture(autouse=True)
 def _fresh_reports():
-    common._noise_reported.clear()
+    common.reset_reports()
     yield
-    common._noise_reported.clear()
+    common.reset_reports()
 
 
 def _real_experts(shape=(48, 40), rel=(1.1e-3, 1.3e-3, 1.5e-3), seed=0):

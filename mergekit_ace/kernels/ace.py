@@ -32,6 +32,7 @@ from mergekit_ace.kernels.ace_phases import (
     workspace_cost,
 )
 from mergekit_ace.kernels.common import (
+    OncePerKey,
     check_inputs,
     finish,
     finish_rows,
@@ -322,13 +323,13 @@ def _merge_2d(src, scan, plan, *, heterogeneous, eps, prior, diag, spectra, like
     return W
 
 
-_conditioning_reported: set = set()
+accuracy_reports = OncePerKey(" Further tensors with this eps are reported at debug level.")
 
 
 def report_conditioning(diag: AceDiagnostics, dtype: torch.dtype, eps) -> None:
     """Warn when ``dtype``'s round-off, multiplied by ``diag``'s condition number and the
     refinement's spread, can change the merged update by more than ``ACCURACY_WARN`` (once
-    per ``eps`` and dtype; later tensors at debug level)."""
+    per ``eps`` and dtype, :data:`accuracy_reports`; later tensors at debug level)."""
     if diag.condition is None:
         return
     u = unit_roundoff(dtype)
@@ -358,12 +359,7 @@ def report_conditioning(diag: AceDiagnostics, dtype: torch.dtype, eps) -> None:
     name = repr(diag.tensor) if diag.tensor else "(unnamed)"
     message = (f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, "
                f"eps {eps}): {what}. {remedy}")
-    key = (str(eps), dtype)
-    if key in _conditioning_reported:
-        logger.debug("%s", message)
-        return
-    _conditioning_reported.add(key)
-    logger.warning("%s Further tensors with this eps are reported at debug level.", message)
+    accuracy_reports.log((str(eps), dtype), message)
 
 
 def _return_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

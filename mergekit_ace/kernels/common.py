@@ -292,7 +292,37 @@ def is_storage_noise(
     return True
 
 
-_noise_reported: set = set()
+class OncePerKey:
+    """A kernel report that goes to the log as a warning the first time for each key and at
+    debug level after that (``later`` is appended to the warning to say so), counting every
+    report; :func:`reset_reports` starts all of them afresh (``run_merge`` does, per merge)."""
+
+    def __init__(self, later: str):
+        self.later = later
+        self.counts: dict = {}
+        _REPORTS.append(self)
+
+    def log(self, key, message: str) -> None:
+        first = key not in self.counts
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if first:
+            logger.warning("%s%s", message, self.later)
+        else:
+            logger.debug("%s", message)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+_REPORTS: List[OncePerKey] = []
+
+
+def reset_reports() -> None:
+    for report in _REPORTS:
+        report.counts = {}
+
+
+_noise_reports = OncePerKey(" Further tensors of this model are reported at debug level.")
 
 
 def _report_noise(label: str, tensor_name: Optional[str], fmt: torch.dtype, dropped: bool) -> None:
@@ -301,17 +331,11 @@ def _report_noise(label: str, tensor_name: Optional[str], fmt: torch.dtype, drop
         "left out of the merge (set `drop_noise: false` to keep it)" if dropped
         else "kept in the merge because `drop_noise` is false"
     )
-    message = (
-        "model %s: its tensor %s equals the base model's stored as %s, up to rounding: the "
-        "task vector is storage noise, not a fine-tuning update; %s."
-    )
-    args = (label, repr(tensor_name) if tensor_name else "(unnamed)",
-            str(fmt).replace("torch.", ""), what)
-    if label in _noise_reported:
-        logger.debug(message, *args)
-        return
-    _noise_reported.add(label)
-    logger.warning(message + " Further tensors of this model are reported at debug level.", *args)
+    _noise_reports.log(label, (
+        f"model {label}: its tensor {repr(tensor_name) if tensor_name else '(unnamed)'} equals "
+        f"the base model's stored as {str(fmt).replace('torch.', '')}, up to rounding: the "
+        f"task vector is storage noise, not a fine-tuning update; {what}."
+    ))
 
 
 def task_vectors(
