@@ -78,7 +78,8 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
         X = torch.linalg.qr(torch.linalg.solve_triangular(L.mT, Y, upper=True)).Q
     inv_smallest = float(torch.linalg.matrix_norm(
         torch.linalg.solve_triangular(L, X, upper=False), ord=2)) ** 2
-    return largest * inv_smallest if math.isfinite(largest * inv_smallest) else math.inf
+    estimate = largest * inv_smallest
+    return max(1.0, estimate) if math.isfinite(estimate) else math.inf  # 1: rounding at n = 1
 
 
 def rank_tolerance(largest: float, shape: tuple) -> float:
