@@ -130,11 +130,7 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
     row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
-    row.spread = diag.spread
-    if diag.condition is not None:
-        row.condition = diag.condition
-    elif diag.rcond is not None:
-        row.condition = 1.0 / diag.rcond if diag.rcond > 0 else float("inf")
+    row.condition, row.spread = diag.condition, diag.spread
     row.concentration_pre, row.concentration_post = diag.concentration_pre, diag.concentration_post
     row.spectrum_pre = energy_curve(diag.singular_values_pre)
     row.spectrum_post = energy_curve(diag.singular_values_post)
