@@ -6,8 +6,7 @@ enough for new processes: a start-up hook registers them as soon as mergekit's r
 
 from mergekit_ace.kernels import AceDiagnostics, MergeInputError, ace_merge
 from mergekit_ace.registration import install_hooks, register_all
-
-__version__ = "0.1.0"
+from mergekit_ace.version import __version__
 
 register_all()
 install_hooks()

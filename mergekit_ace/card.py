@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import yaml
 
+from mergekit_ace.methods import is_ours, our_method
+from mergekit_ace.version import __version__
+
 PACKAGE = "mergekit-ace"
 SECTION_TITLE = "## Reproducing this merge"
 
@@ -23,12 +26,10 @@ def package_versions() -> Tuple[str, str]:
     """Installed versions of mergekit and of this package."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import mergekit_ace
-
     try:
         ours = version(PACKAGE)
     except PackageNotFoundError:  # a source tree on sys.path
-        ours = mergekit_ace.__version__
+        ours = __version__
     return version("mergekit"), ours
 
 
@@ -51,8 +52,6 @@ def _stage(model: Any) -> Optional[Tuple[str, Any, str]]:
 def _earlier_stages(config: Any, seen: Set[str]) -> List[Tuple[str, str, str]]:
     """(path, merge_method, YAML) of every earlier merge, at any depth, that one of this
     package's methods made and ``config`` builds on."""
-    from mergekit_ace.registration import is_ours
-
     found = []
     for model in config.referenced_models():
         stage = _stage(model)
@@ -67,8 +66,6 @@ def _earlier_stages(config: Any, seen: Set[str]) -> List[Tuple[str, str, str]]:
 
 
 def _method_link(name: str) -> str:
-    from mergekit_ace.registration import our_method
-
     spec = our_method(name).spec
     return f"[{spec.pretty_name}]({spec.reference_url}) (`merge_method: {name}`)"
 
@@ -76,8 +73,6 @@ def _method_link(name: str) -> str:
 def card_section(config: Any) -> str:
     """The card section for a merge with ``config``; empty when no method of this package
     took part."""
-    from mergekit_ace.registration import is_ours, our_method
-
     stages = _earlier_stages(config, set())
     direct = is_ours(config.merge_method)
     if not direct and not stages:

@@ -18,8 +18,10 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import MergeMethod
@@ -27,12 +29,32 @@ if TYPE_CHECKING:
 PLANNER_MODULE = "mergekit.plan"
 MERGE_MODULE = "mergekit.merge"
 REGISTRY_MODULE = "mergekit.merge_methods.registry"
+MERGE_TASK_MODULE = "mergekit.merge_methods.task_adapter"
+IO_TASKS_MODULE = "mergekit.io.tasks"
+LOADER_MODULE = "mergekit.io.lazy_tensor_loader"
 
-# The private names used below, per module (tests/test_compat.py checks each one).
+# The private names used below, and the fields of mergekit's task graph read below, per module
+# (tests/test_compat.py checks each one).
 INTERNALS = {
     REGISTRY_MODULE: ("_METHODS",),
     PLANNER_MODULE: ("MergePlanner._plan", "MergePlanner._tensors"),
     MERGE_MODULE: ("_model_out_config", "generate_card", "run_merge"),
+    MERGE_TASK_MODULE: (
+        "ExecuteMergeMethodTask.method_name",
+        "ExecuteMergeMethodTask.gather_tensors",
+        "ExecuteMergeMethodTask.model_order",
+        "ExecuteMergeMethodTask.base_model",
+        "ExecuteMergeMethodTask.output_weight",
+        "ExecuteMergeMethodTask.parameters",
+        "ExecuteMergeMethodTask.input_parameters",
+    ),
+    IO_TASKS_MODULE: ("GatherTensors.weight_info", "GatherTensors.dtype", "LoaderCache.get"),
+    LOADER_MODULE: (
+        "LazyTensorLoader.index",
+        "ShardedTensorIndex.tensor_paths",
+        "ShardedTensorIndex.base_path",
+    ),
+    "mergekit.graph": ("Executor.run",),
 }
 
 
@@ -215,3 +237,87 @@ def patch_loaded(name: str) -> bool:
         return False  # not imported yet, or being imported: the start-up hook patches it
     _PATCHES[name](module)
     return True
+
+
+# --- the task graph of a planned merge -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """What one merge task of a planned merge (``ExecuteMergeMethodTask``) says: the output
+    tensor's ``name``, the ``method``, the ``base`` model and the ``models`` in mergekit's
+    order (base included), the resolved shared ``parameters`` and per-model
+    ``model_parameters``, and the ``task`` itself (what an executor runs)."""
+
+    name: str
+    method: str
+    base: Any
+    models: Tuple[Any, ...]
+    parameters: Dict[str, Any]
+    model_parameters: Dict[Any, Dict[str, Any]]
+    task: Any
+
+    @property
+    def experts(self) -> List[Any]:
+        return [model for model in self.models if model != self.base]
+
+
+def planned_tensor(merge_task: Any) -> PlannedTensor:
+    return PlannedTensor(
+        name=merge_task.output_weight.name,
+        method=str(merge_task.method_name),
+        base=merge_task.base_model,
+        models=tuple(merge_task.model_order),
+        parameters=dict(merge_task.parameters.items()),
+        model_parameters={m: dict(v.items()) for m, v in merge_task.input_parameters.items()},
+        task=merge_task,
+    )
+
+
+def gather_of(merge_task: Any) -> Any:
+    """The ``GatherTensors`` task under a merge task (through any vocabulary alignment)."""
+    inner = merge_task.gather_tensors
+    while not hasattr(inner, "weight_info") and hasattr(inner, "gather_tensors"):
+        inner = inner.gather_tensors
+    return inner
+
+
+def rows_aligned(merge_task: Any) -> bool:
+    """Whether mergekit aligns the inputs' rows (a ``tokenizer:`` section) before merging."""
+    return not hasattr(merge_task.gather_tensors, "weight_info")
+
+
+def input_weights(merge_task: Any) -> Dict[Any, Any]:
+    """``{model: WeightInfo}`` of the tensors a merge task loads."""
+    return dict(gather_of(merge_task).weight_info.items())
+
+
+def load_dtype(merge_task: Any) -> Optional[str]:
+    """The dtype the configuration asks mergekit to load a merge task's inputs in (``None``:
+    as stored)."""
+    return gather_of(merge_task).dtype
+
+
+def tensor_file(model: Any, weight_info: Any) -> Optional[Tuple[str, str]]:
+    """``(path of the file that holds it, name in that file)`` of one input tensor, from the
+    model's index (mergekit's loader cache, as configured for the merge), looking through
+    the tensor's aliases and tied names; ``None`` if the model has no such tensor."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    names = [weight_info.name, *(weight_info.aliases or ()), *(weight_info.tied_names or ())]
+    for name in names:
+        path = index.tensor_paths.get(name)
+        if path is not None:
+            return os.path.join(index.base_path, path), name
+    return None
+
+
+def execute(tasks: List[Any], *, math_device: Any, storage_device: Any, quiet: bool,
+            desc: str) -> Iterator[Tuple[Any, Any]]:
+    """Run merge ``tasks`` with mergekit's executor; yields ``(task, merged tensor)``."""
+    from mergekit.graph import Executor
+
+    executor = Executor(targets=tasks, math_device=math_device, storage_device=storage_device)
+    yield from executor.run(quiet=quiet, desc=desc)
+

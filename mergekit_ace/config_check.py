@@ -14,11 +14,6 @@ filter):
 :func:`warn_ineffective_parameters` runs at the start of every merge of this package's methods
 (hooked into mergekit by :mod:`mergekit_ace.compat`); :func:`check_document` backs
 ``mergekit-ace check``, for any method and also for misspelled configuration keys.
-
-:func:`check_planned_shapes` runs right after mergekit has planned a merge of this package's
-methods: an expert whose tensor has another shape than the base's is refused from the
-checkpoints' headers, naming the tensor and the model, before any tensor is loaded (mergekit's
-own check comes when the merge reaches that tensor and lists the shapes only).
 """
 
 from __future__ import annotations
@@ -143,7 +138,7 @@ def warn_ineffective_parameters(config: Any, source: Optional[str] = None) -> Li
     (``paramters:``)."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_ace.registration import is_ours
+    from mergekit_ace.methods import is_ours
 
     if not is_ours(config.merge_method):
         return []
@@ -223,22 +218,3 @@ def check_document(data: Any, label: str = "") -> List[Finding]:
         return findings
     return findings + [Finding(f.where, f.name, f"{label}{f.message}") for f in check_parameters(config)]
 
-
-def check_planned_shapes(planner: Any) -> None:
-    """Refuse a merge of this package's methods whose experts' tensor shapes differ from the
-    base's (:func:`mergekit_ace.inspect.planning.check_shapes`), once ``planner`` has planned
-    it. Only that refusal stops the merge: a header that cannot be read leaves the tensor to the
-    kernel's own check."""
-    from mergekit_ace import compat
-    from mergekit_ace.inspect.planning import check_shapes
-    from mergekit_ace.kernels.common import MergeInputError
-    from mergekit_ace.registration import is_ours
-
-    tasks = [task for _weight, task in compat.planned_tensors(planner)
-             if is_ours(str(getattr(task, "method_name", "")))]
-    try:
-        check_shapes(tasks)
-    except MergeInputError:
-        raise
-    except Exception as error:  # not safetensors, an unusual model reference, ...
-        LOG.debug("mergekit-ace: shapes not checked from the headers (%r)", error)

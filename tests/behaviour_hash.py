@@ -229,21 +229,23 @@ class _ReportsCuda(torch.Tensor):
 
 
 @contextlib.contextmanager
-def _moves_to_cuda_stay_on_cpu():
-    """``Tensor.to(a CUDA device)`` returns the tensor itself: the fallback's return trip."""
-    original = torch.Tensor.to
+def _pretend_cuda():
+    """``Tensor.to(a CUDA device)`` returns the tensor itself (the fallback's return trip) and
+    the pretended device is an NVIDIA Ampere GPU (compute capability 8.0)."""
+    original_to, original_capability = torch.Tensor.to, torch.cuda.get_device_capability
 
     def to(self, *args, **kwargs):
         target = kwargs.get("device", args[0] if args else None)
         if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
             return self
-        return original(self, *args, **kwargs)
+        return original_to(self, *args, **kwargs)
 
     torch.Tensor.to = to
+    torch.cuda.get_device_capability = lambda device=None: (8, 0)
     try:
         yield
     finally:
-        torch.Tensor.to = original
+        torch.Tensor.to, torch.cuda.get_device_capability = original_to, original_capability
 
 
 def kernel_case(name: str, paths: Dict[str, Path]) -> Dict[str, str]:
@@ -260,7 +262,7 @@ def kernel_case(name: str, paths: Dict[str, Path]) -> Dict[str, str]:
             continue
         fake = base[key].float().clone().as_subclass(_ReportsCuda)
         fakes = [e[key].float().clone().as_subclass(_ReportsCuda) for e in experts]
-        with _moves_to_cuda_stay_on_cpu():
+        with _pretend_cuda():
             merged, diag = ace_merge(fake, fakes, gate=gate, free_device_bytes=0,
                                      tensor_name=key)
         if diag.device != "cpu (fallback)":

@@ -93,24 +93,3 @@ def reference_iso_cts(base, experts, common_space_fraction=0.8, lam=1.0):
     all_v[T * per_task:, :] = cv
     merged = all_s.mean() * _polar(all_u) @ _polar(all_v.T).T
     return W0 + lam * merged
-
-
-def make_experts(shape, count, seed=0, scale=0.1):
-    """A base and ``count`` experts. 2-D task vectors are ``U diag(s) V^T`` with random
-    orthonormal ``U``, ``V`` and a full-rank spectrum decaying from ``2.5 scale`` towards
-    ``0.5 scale`` (condition number < 5, distinct singular values), so float32 kernels can be
-    compared with float64 references and top-k selections are unambiguous."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(*shape, generator=g)
-    if len(shape) != 2:
-        return base, [base + scale * torch.randn(*shape, generator=g) for _ in range(count)]
-    m, n = shape
-    r = min(m, n)
-    decay = 0.5 + 2.0 * 0.8 ** torch.arange(r, dtype=torch.float32)
-    experts = []
-    for _ in range(count):
-        U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
-        s = scale * decay * (1.0 + 0.1 * torch.rand(r, generator=g))
-        experts.append(base + (U * s) @ V.T)
-    return base, experts

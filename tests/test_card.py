@@ -1,6 +1,6 @@
 """The merged model card says what reproduces the merge (packages and versions) and whom to
 cite (each method's paper as BibTeX). Real ``mergekit-yaml``/``mergekit-multi`` cards are
-checked in test_examples.py and test_config_check.py with :func:`assert_credits`."""
+checked in test_examples.py and test_config_check.py with :func:`tests.helpers.assert_credits`."""
 
 import re
 from importlib.metadata import version
@@ -10,19 +10,11 @@ import pytest
 from mergekit.config import MergeConfiguration
 
 from mergekit_ace.card import SECTION_TITLE, card_section, extend_card
-from mergekit_ace.registration import METHODS, our_method
+from mergekit_ace.methods import METHODS, our_method
+from tests.helpers import assert_credits
 
 ARXIV = {"ace": "2603.02945", "actmat": "2604.01329", "tsv": "2412.00081",
          "iso_c": "2502.04959", "iso_cts": "2502.04959"}
-
-
-def assert_credits(card: str, method: str) -> None:
-    """``card`` (a README.md that mergekit wrote) credits ``method`` of this package."""
-    assert card.count(SECTION_TITLE) == 1, card
-    section = card[card.index(SECTION_TITLE):]
-    assert f"pip install mergekit=={version('mergekit')} mergekit-ace=={version('mergekit-ace')}" in section
-    assert f"(`merge_method: {method}`)" in section
-    assert f"```bibtex\n{our_method(method).citation}\n```" in section
 
 
 def config(method: str, models=("e1", "e2")) -> MergeConfiguration:

@@ -125,8 +125,53 @@ def test_pyproject_accepts_the_installed_mergekit_range():
     assert (0, 1, 5) <= (major, minor, patch) < (0, 2, 0)
 
 
-def test_only_compat_touches_mergekit_private_names():
-    private = re.compile(r"(\b_METHODS\b|\._plan\(|\._tensors\b|\b_model_out_config\b)")
-    offenders = [p.relative_to(ROOT).as_posix() for p in (ROOT / "mergekit_ace").rglob("*.py")
-                 if p.name != "compat.py" and private.search(p.read_text())]
-    assert offenders == [], offenders
+def test_only_compat_touches_mergekit_internals():
+    """Private names, and the fields of the task graph (merge tasks, gather tasks, the loaders'
+    index, the executor), are read in compat.py only."""
+    internal = re.compile(
+        r"(\b_METHODS\b|\._plan\(|\._tensors\b|\b_model_out_config\b|\bgather_tensors\b"
+        r"|\bweight_info\b|\btensor_paths\b|\bbase_path\b|\bmodel_order\b"
+        r"|\binput_parameters\b|\boutput_weight\b|\bmethod_name\b|\bLoaderCache\(\)\.get"
+        r"|\bExecutor\()"
+    )
+    offenders = {p.relative_to(ROOT).as_posix(): internal.findall(p.read_text())
+                 for p in (ROOT / "mergekit_ace").rglob("*.py") if p.name != "compat.py"}
+    assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_planned_tensor_reads_the_task_graph(tiny_family):
+    """What inspect and the shape check read of a planned merge task, through compat."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    config = MergeConfiguration.model_validate({
+        "merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
+        "parameters": {"k_frac": 0.5},
+        "models": model_list(tiny_family, list(EXPERT_SCALES), {"expert_code": {"weight": 2}})})
+    options = MergeOptions()
+    arch = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    planner = MergePlanner(config, arch, options=options,
+                           out_model_config=compat.model_out_config(config, arch))
+    tasks = [task for _, task in compat.plan_tensors(planner)]
+    name = "model.layers.1.mlp.up_proj.weight"
+    (task,) = [t for t in tasks if compat.planned_tensor(t).name == name]
+    planned = compat.planned_tensor(task)
+    assert planned.method == "ace" and planned.task is task
+    assert str(planned.base.model.path) == str(tiny_family["base"])
+    assert [str(m.model.path) for m in planned.experts] == [
+        str(tiny_family[n]) for n in EXPERT_SCALES]
+    assert planned.parameters["k_frac"] == 0.5
+    weights = {str(m.model.path): v.get("weight") for m, v in planned.model_parameters.items()}
+    assert weights[str(tiny_family["expert_code"])] == 2
+    assert not compat.rows_aligned(task) and compat.load_dtype(task) == "float32"
+    inputs = compat.input_weights(task)
+    assert set(inputs) == set(planned.models)
+    path, stored = compat.tensor_file(planned.base, inputs[planned.base])
+    assert stored == name and path == str(tiny_family["base"] / "model.safetensors")
+    results = dict(compat.execute([task], math_device="cpu", storage_device="cpu", quiet=True,
+                                  desc="test"))
+    assert tuple(results[task].shape) == (64, 32)

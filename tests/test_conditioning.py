@@ -8,9 +8,15 @@ import logging
 import pytest
 import torch
 
-from mergekit_ace.kernels.common import reset_reports
-from mergekit_ace.kernels.ace import ACCURACY_WARN, ace_merge
-from mergekit_ace.kernels.linalg import RightSolver, cholesky_condition, unit_roundoff
+from mergekit_ace.kernels.ace import ace_merge
+from mergekit_ace.kernels.linalg import (
+    ACCURACY_WARN,
+    RightSolver,
+    cholesky_condition,
+    unit_roundoff,
+)
+from mergekit_ace.kernels.reports import reset_reports
+from tests.helpers import rank_deficient_experts
 
 
 @pytest.fixture(autouse=True)
@@ -42,15 +48,6 @@ def test_cholesky_condition_against_the_constructed_spectrum(dtype, spectrum):
     assert 0.7 * true <= estimate <= 1.01 * true
 
 
-def _rank_deficient_experts(dtype=torch.float64, T=2, m=24, n=96):
-    """``T m < n``: the summed proxies have rank at most ``T (m - 1)``, so only the ridge
-    holds the system up."""
-    g = torch.Generator().manual_seed(0)
-    base = 0.02 * torch.randn(m, n, generator=g, dtype=torch.float64)
-    experts = [base + 1e-2 * torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(T)]
-    return base.to(dtype), [e.to(dtype) for e in experts]
-
-
 def _true_condition(base, experts, eps):
     """cond_2 of the homogeneous system ``sum_t (C_t^T C_t + eps I)``, all in float64."""
     C = [(e.double() - base.double()) - (e.double() - base.double()).mean(0) for e in experts]
@@ -66,7 +63,7 @@ def _relative_change(out, reference, base):
 
 def test_bound_from_the_ridge_when_it_is_small_enough():
     # eps: auto sets the ridge to tr / 4096: bound tr(B) / ridge - n + 1 = 4097 exactly.
-    base, experts = _rank_deficient_experts()
+    base, experts = rank_deficient_experts()
     _, diag = ace_merge(base, experts, gate="off")
     assert diag.condition == pytest.approx(4097.0, rel=1e-9)
     assert _true_condition(base, experts, diag.ridge) <= diag.condition
@@ -86,7 +83,7 @@ def test_float32_warning_tracks_the_real_error(eps, warns, caplog):
     """The measured condition number matches the constructed system's; ``condition * u``
     bounds the float32 result's distance from float64; past 1 % the merge warns, naming the
     tensor and the ways out."""
-    base, experts = _rank_deficient_experts()
+    base, experts = rank_deficient_experts()
     reference, _ = ace_merge(base, experts, eps=eps, gate="off")
     with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
         out, diag = ace_merge(base.float(), [e.float() for e in experts], eps=eps, gate="off",
@@ -109,7 +106,7 @@ def test_float32_warning_tracks_the_real_error(eps, warns, caplog):
 
 
 def test_no_warning_with_auto_or_float64_and_once_per_eps(caplog):
-    base, experts = _rank_deficient_experts()
+    base, experts = rank_deficient_experts()
     with caplog.at_level(logging.DEBUG, logger="mergekit_ace"):
         ace_merge(base.float(), [e.float() for e in experts], gate="off")  # eps: auto
         ace_merge(base, experts, eps=1e-8, gate="off")  # float64
@@ -125,7 +122,7 @@ def test_no_warning_with_auto_or_float64_and_once_per_eps(caplog):
 
 
 def test_singular_in_float32_is_reported_as_such(caplog):
-    base, experts = _rank_deficient_experts()
+    base, experts = rank_deficient_experts()
     with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
         out, diag = ace_merge(base.float(), [e.float() for e in experts], eps=1e-14, gate="off")
     assert diag.solver in ("lu", "lstsq") and torch.isfinite(out).all()
@@ -144,10 +141,10 @@ def _nearly_low_rank_experts(noise, m=512, n=512, seed=0):
     return base, experts
 
 
-def test_refinement_spread_warning_tracks_the_real_error(caplog):
-    """Boosting directions down to ``s_1 / spread`` multiplies the solve's float32 round-off by
-    ``spread``: with ``eps: auto`` (condition bounded by 4097) the estimate ``condition * u *
-    spread`` is measured, stays within a small factor of the real distance from float64, and
+def test_refinement_boost_ratio_warning_tracks_the_real_error(caplog):
+    """Boosting directions down to ``s_1 / boost_ratio`` multiplies the solve's float32
+    round-off by ``boost_ratio``: with ``eps: auto`` (condition bounded by 4097) the estimate
+    ``condition * u * boost_ratio`` is measured, stays within a small factor of the real distance from float64, and
     past 1 % the merge warns with the remedies that apply (float64, a lower k_frac)."""
     from tests.reference import reference_ace, rel_err
 
@@ -156,8 +153,8 @@ def test_refinement_spread_warning_tracks_the_real_error(caplog):
     with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
         out, diag = ace_merge(base, experts, gate="on", tensor_name="t")
     change = rel_err(out - base, ref - base.double())
-    estimate = diag.condition * unit_roundoff(torch.float32) * diag.spread
-    assert diag.branch == "heterogeneous" and diag.spread > 1000
+    estimate = diag.condition * unit_roundoff(torch.float32) * diag.boost_ratio
+    assert diag.branch == "heterogeneous" and diag.boost_ratio > 1000
     assert diag.condition < 4097  # measured (the bound alone would allow a warning)
     assert change > ACCURACY_WARN and estimate / 10 < change < 2 * estimate
     message = caplog.records[-1].getMessage()
@@ -169,7 +166,7 @@ def test_no_measurement_or_warning_for_a_well_spread_spectrum(caplog):
     base, experts = _nearly_low_rank_experts(noise=0.3)
     with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
         _, diag = ace_merge(base, experts, gate="on")
-    assert diag.spread < 41  # 4097 * 6e-8 * 41 = 1 %: the bound suffices
+    assert diag.boost_ratio < 41  # 4097 * 6e-8 * 41 = 1 %: the bound suffices
     assert diag.condition == pytest.approx(4097.0)
     assert not caplog.records
 

@@ -11,7 +11,7 @@ import torch
 from mergekit.config import MergeConfiguration
 
 from mergekit_ace.config_check import check_parameters
-from tests.test_card import assert_credits
+from tests.helpers import assert_credits
 from tests.tiny_models import (
     EXPERT_SCALES,
     load_state,
@@ -238,7 +238,7 @@ def test_readme_parameter_table_lists_what_ace_declares():
     import re
     from pathlib import Path
 
-    from mergekit_ace.registration import our_method
+    from mergekit_ace.methods import our_method
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme[readme.index("### Parameters"):readme.index("## Documentation")]
@@ -250,7 +250,7 @@ def test_family_table_lists_what_each_method_declares():
     import re
     from pathlib import Path
 
-    from mergekit_ace.registration import our_method
+    from mergekit_ace.methods import our_method
 
     family = (Path(__file__).resolve().parents[1] / "docs" / "family.md").read_text()
     rows = [row for row in re.findall(r"^\| `(\w+)` \|[^|]*\|[^|]*\| (.*) \|$", family, flags=re.M)
@@ -265,7 +265,7 @@ def test_family_table_lists_what_each_method_declares():
 
 
 def _narrow_expert_config(family, tmp_path, method):
-    from tests.test_inspect_cli import broken_copy, narrower
+    from tests.helpers import broken_copy, narrower
 
     bad = broken_copy(family, tmp_path, "expert_narrow", narrower)
     models = [{"model": str(family["expert_math"])}, {"model": str(bad)}]
@@ -280,8 +280,8 @@ def test_shape_mismatch_stops_the_merge_before_any_tensor_is_read(tiny_family, t
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
     from mergekit.merge import MergeOptions, run_merge
 
-    from mergekit_ace.kernels.common import MergeInputError
-    from tests.test_inspect_cli import TENSOR
+    from mergekit_ace.kernels.inputs import MergeInputError
+    from tests.helpers import TENSOR
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor",
                         lambda *a, **k: pytest.fail("a tensor was read"))

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from mergekit_ace.kernels.ace import ace_merge
-from tests.test_card import assert_credits
+from tests.helpers import assert_credits
 from tests.tiny_models import load_state, mergekit_yaml, run_cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

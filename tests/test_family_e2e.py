@@ -10,8 +10,8 @@ from mergekit_ace.kernels.actmat import actmat_merge
 from mergekit_ace.kernels.iso_c import iso_c_merge
 from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.kernels.tsv import tsv_merge
-from mergekit_ace.registration import our_method
-from tests.test_card import assert_credits
+from mergekit_ace.methods import our_method
+from tests.helpers import assert_credits
 from tests.tiny_models import EXPERT_SCALES, load_state, mergekit_yaml, model_list, write_config
 
 EXPERTS = list(EXPERT_SCALES)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import mergekit_ace.kernels.ace_phases as phases
+import mergekit_ace.kernels.ace.workspace as workspace
 from mergekit_ace.kernels.ace import ace_merge
 from tests.reference import reference_ace, rel_err
-from tests.test_kernel_ace import make_experts
+from tests.helpers import low_rank_experts, rank_deficient_experts
 from tests.tiny_models import EXPERT_SCALES, load_state, mergekit_yaml, model_list, write_config
 
 pytestmark = [
@@ -22,7 +22,7 @@ DEFAULTS = {"eps": "auto", "gate_statistic": "log_spread"}
 @pytest.mark.parametrize("kwargs", [PAPER, {**PAPER, "gate": "off"}, DEFAULTS,
                                     {**DEFAULTS, "gate": "off"}])
 def test_kernel_on_cuda_matches_float64_reference(kwargs):
-    base, experts = make_experts((96, 64), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((96, 64), (0.01, 1.0, 0.1))
     out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], **kwargs)
     assert out.device.type == "cuda"
     ref, branch = reference_ace(base, experts, **kwargs)
@@ -61,10 +61,10 @@ def test_tensor_core_products_keep_float32_accuracy(shape, gate):
 
 @pytest.mark.parametrize("gate", ["on", "off"])
 def test_streaming_plan_on_cuda_matches_reference(gate, monkeypatch):
-    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
-    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 64 * 48 * 4)
-    monkeypatch.setattr(phases, "BLOCK_BYTES", 64 * 48 * 4)
-    base, experts = make_experts((300, 48), (0.01, 1.0, 0.1))
+    monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
+    monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 64 * 48 * 4)
+    monkeypatch.setattr(workspace, "BLOCK_BYTES", 64 * 48 * 4)
+    base, experts = low_rank_experts((300, 48), (0.01, 1.0, 0.1))
     out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], gate=gate)
     ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
     assert rel_err(out.cpu() - base, ref - base.double()) < 2e-4
@@ -91,9 +91,7 @@ def test_mergekit_yaml_cuda_matches_cpu_kernel(tiny_family, tmp_path):
 def test_condition_number_on_cuda_matches_cpu():
     """The condition estimate (power and inverse iteration on the Cholesky factor) on the GPU
     gives the CPU's value for a rank-deficient system with a tiny fixed eps."""
-    from tests.test_conditioning import _rank_deficient_experts
-
-    base, experts = _rank_deficient_experts(torch.float32)
+    base, experts = rank_deficient_experts(torch.float32)
     _, cpu = ace_merge(base, experts, eps=1e-8, gate="off")
     _, gpu = ace_merge(base.cuda(), [e.cuda() for e in experts], eps=1e-8, gate="off",
                        matmul_precision="float32")

@@ -88,8 +88,8 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
         assert row["matmul"] == diag.matmul == "float32"  # CPU
         assert row["rcond"] == pytest.approx(diag.rcond, rel=1e-3)
         assert row["condition"] == pytest.approx(diag.condition, rel=1e-3)
-        assert row["spread"] == (None if diag.spread is None
-                                 else pytest.approx(diag.spread, rel=1e-3))
+        assert row["boost_ratio"] == (None if diag.boost_ratio is None
+                                      else pytest.approx(diag.boost_ratio, rel=1e-3))
         for key in ("concentration_pre", "concentration_post"):
             assert row[key] == pytest.approx(getattr(diag, key), rel=1e-4, abs=1e-6)
         if diag.sigma_iso is None:

@@ -1,20 +1,16 @@
-"""``mergekit-ace inspect`` as a command: the package's import graph, the run without
-matplotlib, mergekit's merge options, and one-line errors for bad checkpoints."""
+"""``mergekit-ace inspect`` as a command: the run without matplotlib, mergekit's merge options,
+and one-line errors for bad checkpoints."""
 
 from __future__ import annotations
 
-import ast
-import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
+from tests.helpers import TENSOR, broken_copy, nan_at, narrower
 from tests.tiny_models import model_list, run_cli, write_config
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_ace" / "inspect"
 EXPERTS = ["expert_math", "expert_code", "expert_chat"]
-TENSOR = "model.layers.1.mlp.up_proj.weight"
 
 
 def config(paths, models, tmp_path, name="ace.yml", **extra) -> Path:
@@ -22,51 +18,6 @@ def config(paths, models, tmp_path, name="ace.yml", **extra) -> Path:
         "merge_method": "ace", "base_model": str(paths["base"]), "models": models,
         "dtype": "float32", **extra,
     })
-
-
-def package_imports() -> dict:
-    """``{module: {package modules it imports}}``, function-level imports included."""
-    graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                if name.startswith("mergekit_ace.inspect."):
-                    found.add(name.split(".")[2])
-        graph[path.stem] = found & {p.stem for p in PACKAGE.glob("*.py")}
-    return graph
-
-
-def test_inspect_package_has_no_import_cycle():
-    graph = package_imports()
-    assert {"report", "costs", "planning", "run", "writers", "summary", "plots"} <= set(graph)
-    assert not (PACKAGE.parent / "inspect_plots.py").exists()
-    done, visiting = set(), []
-
-    def visit(module):
-        assert module not in visiting, f"import cycle: {' -> '.join(visiting + [module])}"
-        if module in done:
-            return
-        visiting.append(module)
-        for dependency in graph[module] - {"__init__"}:
-            visit(dependency)
-        visiting.pop()
-        done.add(module)
-
-    for module in graph:
-        visit(module)
-
-
-def test_mergekit_internals_are_touched_in_one_module():
-    internals = ("_plan(", "._tensors", "_model_out_config", "._METHODS", "gather_tensors",
-                 "weight_info", "tensor_paths")
-    users = {p.stem for p in PACKAGE.glob("*.py") for word in internals if word in p.read_text()}
-    assert users <= {"planning"}
 
 
 def test_without_matplotlib_the_table_is_written_with_a_hint(tiny_family, tmp_path):
@@ -107,24 +58,6 @@ def test_merge_options_reach_mergekit(tiny_family, tmp_path, monkeypatch):
     assert seen[-1].lora_merge_cache == str(cache) and seen[-1].quiet
     assert seen[-1].device == "cpu" and seen[-1].random_seed == 3
     assert "--out-shard-size: no effect on inspect" in result.output
-
-
-def broken_copy(paths, tmp_path, name, change) -> Path:
-    """A copy of ``expert_code`` whose state dict ``change`` edits in place."""
-    target = tmp_path / name
-    shutil.copytree(paths["expert_code"], target)
-    state = load_file(target / "model.safetensors")
-    change(state)
-    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
-    return target
-
-
-def nan_at(state):
-    state[TENSOR][3, 4] = float("nan")
-
-
-def narrower(state):
-    state[TENSOR] = state[TENSOR][:, :-1].contiguous()
 
 
 @pytest.mark.parametrize("case", ["nan", "shape", "zero_weights"])

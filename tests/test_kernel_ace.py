@@ -7,29 +7,14 @@ import pytest
 import torch
 
 from mergekit_ace.kernels.ace import ace_merge
-from mergekit_ace.kernels.ace_parameters import heterogeneity, log_spread
-from mergekit_ace.kernels.common import MergeInputError
+from mergekit_ace.kernels.ace.parameters import heterogeneity, log_spread
+from mergekit_ace.kernels.inputs import MergeInputError
+from tests.helpers import low_rank_experts
 from tests.reference import reference_ace, rel_err
 
 # The paper's settings of the two parameters whose package defaults are the scale-free ones;
 # most tests here check the paper's algorithm against the float64 re-derivation.
 PAPER = {"eps": 1e-5, "gate_statistic": "gamma"}
-
-
-def make_experts(shape, scales, seed=0, rank=3):
-    """Base plus low-rank-plus-noise task vectors of the given scales."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(*shape, generator=g)
-    experts = []
-    for s in scales:
-        if len(shape) == 2:
-            m, n = shape
-            low = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
-            delta = low / math.sqrt(rank) + 0.3 * torch.randn(m, n, generator=g)
-        else:
-            delta = torch.randn(*shape, generator=g)
-        experts.append(base + s * delta)
-    return base, experts
 
 
 CASES = [
@@ -55,7 +40,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,scales,kwargs,branch", CASES)
 def test_kernel_matches_float64_reference(shape, scales, kwargs, branch):
-    base, experts = make_experts(shape, scales)
+    base, experts = low_rank_experts(shape, scales)
     kwargs = {**PAPER, **kwargs}
     out, diag = ace_merge(base, experts, **kwargs)
     ref, ref_branch = reference_ace(base, experts, **kwargs)
@@ -71,7 +56,7 @@ def test_kernel_matches_float64_reference(shape, scales, kwargs, branch):
 @pytest.mark.parametrize("scales,branch", [((0.01, 1.0, 0.1), "heterogeneous"),
                                            ((0.5, 0.6, 0.55), "homogeneous")])
 def test_defaults_are_eps_auto_and_log_spread(scales, branch):
-    base, experts = make_experts((24, 16), scales)
+    base, experts = low_rank_experts((24, 16), scales)
     out, diag = ace_merge(base, experts)
     ref, ref_branch = reference_ace(base, experts, eps="auto", gate_statistic="log_spread")
     assert diag.gate_statistic == "log_spread" and diag.branch == branch == ref_branch
@@ -89,7 +74,7 @@ def test_gamma_matches_independent_formula():
     logs = torch.log(torch.tensor(energies, dtype=torch.float64) + 1e-12)
     expected = float(logs.var(unbiased=True) / (logs.mean() ** 2 + 1e-12))
     assert heterogeneity(energies) == pytest.approx(expected, rel=1e-12)
-    base, experts = make_experts((12, 8), (0.2, 1.0, 3.0))
+    base, experts = low_rank_experts((12, 8), (0.2, 1.0, 3.0))
     _, diag = ace_merge(base, experts)
     e = [float(((x.double() - base.double()) ** 2).sum()) for x in experts]
     assert diag.energies == pytest.approx(e, rel=1e-6)
@@ -97,7 +82,7 @@ def test_gamma_matches_independent_formula():
 
 
 def test_float64_inputs_compute_in_float64():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     out, _ = ace_merge(base.double(), [e.double() for e in experts], **PAPER)
     ref, _ = reference_ace(base, experts, **PAPER)
     assert out.dtype == torch.float64
@@ -105,7 +90,7 @@ def test_float64_inputs_compute_in_float64():
 
 
 def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     base16, experts16 = base.bfloat16(), [e.bfloat16() for e in experts]
     out, _ = ace_merge(base16, experts16, **PAPER)
     assert out.dtype == torch.bfloat16
@@ -117,7 +102,7 @@ def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
 
 
 def test_large_eps_homogeneous_tends_to_mean_of_centered_task_vectors():
-    base, experts = make_experts((24, 16), (0.5, 0.6, 0.55))
+    base, experts = low_rank_experts((24, 16), (0.5, 0.6, 0.55))
     out, diag = ace_merge(base, experts, eps=1e8, gate="off")
     centered = [(e - base) - (e - base).mean(dim=0, keepdim=True) for e in experts]
     expected = sum(centered) / len(centered)
@@ -126,7 +111,7 @@ def test_large_eps_homogeneous_tends_to_mean_of_centered_task_vectors():
 
 
 def test_k_frac_zero_equals_no_refinement():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     a, da = ace_merge(base, experts, k_frac=0.0)
     b, _ = ace_merge(base, experts, refine=False)
     assert da.branch == "heterogeneous" and da.k == 0 and da.sigma_iso is None
@@ -134,9 +119,9 @@ def test_k_frac_zero_equals_no_refinement():
 
 
 def test_tau_limits():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     assert ace_merge(base, experts, tau=1e12)[1].branch == "homogeneous"
-    base, experts = make_experts((24, 16), (0.5, 0.6, 0.55))
+    base, experts = low_rank_experts((24, 16), (0.5, 0.6, 0.55))
     assert ace_merge(base, experts, tau=0.0)[1].branch == "heterogeneous"
     # equal energies: gamma == 0, so even tau = 0 stays homogeneous
     delta, zero = experts[0] - base, torch.zeros_like(base)  # exact task vectors
@@ -149,7 +134,7 @@ def test_tau_limits():
 def test_trace_normalization_makes_heterogeneous_proxies_scale_invariant():
     # Heterogeneous, eps = 0, no prior/refinement: W_pre = (sum C_t Shat_t)(sum Shat_t)^-1.
     # Shat_t does not change when tau_t is rescaled, so W_pre is linear in each C_t.
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     b = base.double()
     kw = dict(gate="on", prior=False, refine=False, eps=0.0)
     deltas = [e.double() - b for e in experts]
@@ -163,7 +148,7 @@ def test_trace_normalization_makes_heterogeneous_proxies_scale_invariant():
 
 
 def test_paper_gamma_gate_depends_on_units():
-    base, experts = make_experts((24, 16), (0.5, 1.0, 0.7))
+    base, experts = low_rank_experts((24, 16), (0.5, 1.0, 0.7))
     zero = torch.zeros_like(base)
     deltas = [e - base for e in experts]
     # energies near 1 make mean(log e) ~ 0, so the same experts in other units flip branch
@@ -191,7 +176,7 @@ def test_log_spread_is_unit_free_and_gamma_is_not():
     ],
 )
 def test_eps_auto_is_scale_equivariant(kwargs):
-    base, experts = make_experts((24, 16), (0.05, 1.0, 0.2))
+    base, experts = low_rank_experts((24, 16), (0.05, 1.0, 0.2))
     alpha = 37.0
     out, d1 = ace_merge(base.double(), [e.double() for e in experts], eps="auto", **kwargs)
     scaled = [base.double() + alpha * (e.double() - base.double()) for e in experts]
@@ -206,7 +191,7 @@ def test_fixed_eps_on_rescaled_task_vectors_is_a_rescaled_eps(kwargs):
     # original experts with eps / a^2 and multiplying the result by a (homogeneous branch,
     # or heterogeneous without the energy-normalized prior): an eps sweep is a sweep over
     # the units of the task vectors. docs/benchmarks.md reads its eps sweep this way.
-    base, experts = make_experts((24, 16), (0.05, 1.0, 0.2))
+    base, experts = low_rank_experts((24, 16), (0.05, 1.0, 0.2))
     b = base.double()
     alpha, eps = 10.0, 1e-3
     scaled = [b + alpha * (e.double() - b) for e in experts]
@@ -221,7 +206,7 @@ def test_fixed_eps_on_rescaled_task_vectors_is_a_rescaled_eps(kwargs):
 
 
 def test_zero_delta_expert_is_excluded():
-    base, experts = make_experts((24, 16), (0.01, 1.0))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0))
     with_unchanged, diag = ace_merge(base, experts + [base.clone()])
     without, _ = ace_merge(base, experts)
     assert diag.participants == [0, 1]
@@ -229,14 +214,14 @@ def test_zero_delta_expert_is_excluded():
 
 
 def test_no_expert_changed_the_tensor_returns_base():
-    base, _ = make_experts((24, 16), ())
+    base, _ = low_rank_experts((24, 16), ())
     out, diag = ace_merge(base, [base.clone(), base.clone()])
     assert diag.branch == "unchanged"
     assert torch.equal(out, base)
 
 
 def test_small_tensor_with_k_zero_skips_refinement_without_nan():
-    base, experts = make_experts((2, 3), (0.01, 1.0, 0.1), rank=1)
+    base, experts = low_rank_experts((2, 3), (0.01, 1.0, 0.1), rank=1)
     out, diag = ace_merge(base, experts, gate="on", **PAPER)
     assert diag.k == 0 and torch.isfinite(out).all()
     ref, _ = reference_ace(base, experts, gate="on", **PAPER)
@@ -245,7 +230,7 @@ def test_small_tensor_with_k_zero_skips_refinement_without_nan():
 
 def test_singular_system_falls_back_to_least_squares():
     # eps = 0 and m < n: every proxy has rank < n, so sum R_t is singular.
-    base, experts = make_experts((6, 16), (0.5, 0.6), rank=1)
+    base, experts = low_rank_experts((6, 16), (0.5, 0.6), rank=1)
     out, diag = ace_merge(base, experts, eps=0.0, gate="off", prior=False)
     assert diag.solver == "lstsq"
     assert torch.isfinite(out).all()
@@ -254,7 +239,7 @@ def test_singular_system_falls_back_to_least_squares():
 
 
 def test_single_expert_uses_homogeneous_branch():
-    base, experts = make_experts((24, 16), (0.3,))
+    base, experts = low_rank_experts((24, 16), (0.3,))
     out, diag = ace_merge(base, experts)
     assert diag.gamma is None and diag.log_spread is None and diag.branch == "homogeneous"
     ref, _ = reference_ace(base, experts, eps="auto")
@@ -262,7 +247,7 @@ def test_single_expert_uses_homogeneous_branch():
 
 
 def test_non_finite_input_names_tensor_and_model():
-    base, experts = make_experts((8, 4), (0.1, 0.2))
+    base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     experts[1] = experts[1].clone()
     experts[1][3, 2] = float("nan")
     with pytest.raises(MergeInputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*org/math-expert.*non-finite"):
@@ -271,7 +256,7 @@ def test_non_finite_input_names_tensor_and_model():
 
 
 def test_non_2d_tensors_take_weighted_mean_of_task_vectors():
-    base, experts = make_experts((16,), (0.1, 0.2, 0.3))
+    base, experts = low_rank_experts((16,), (0.1, 0.2, 0.3))
     out, diag = ace_merge(base, experts, weights=[1.0, 2.0, 1.0], lam=0.5)
     deltas = [e - base for e in experts]
     expected = base + 0.5 * (deltas[0] + 2 * deltas[1] + deltas[2]) / 4
@@ -280,7 +265,7 @@ def test_non_2d_tensors_take_weighted_mean_of_task_vectors():
 
 
 def test_weights_only_ratios_matter_and_zero_removes_a_task():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     a, _ = ace_merge(base, experts, weights=[1.0, 2.0, 3.0])
     b, _ = ace_merge(base, experts, weights=[10.0, 20.0, 30.0])
     assert torch.allclose(a, b, atol=1e-5)
@@ -293,7 +278,7 @@ def test_weights_only_ratios_matter_and_zero_removes_a_task():
 @pytest.mark.parametrize("weights,match", [([1.0, -1.0], "weights must be finite and >= 0"),
                                            ([0.0, 0.0], "every model's weight is 0")])
 def test_bad_weights_are_refused(weights, match):
-    base, experts = make_experts((8, 4), (0.1, 0.2))
+    base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     with pytest.raises(MergeInputError, match=match):
         ace_merge(base, experts, weights=weights)
 
@@ -302,13 +287,13 @@ def test_bad_weights_are_refused(weights, match):
                                          ({"gate": "maybe"}, "gate"), ({"tau": -0.1}, "tau"),
                                          ({"gate_statistic": "x"}, "gate_statistic")])
 def test_bad_parameters_name_the_parameter(kwargs, name):
-    base, experts = make_experts((8, 4), (0.1, 0.2))
+    base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     with pytest.raises(ValueError, match=name):
         ace_merge(base, experts, **kwargs)
 
 
 def test_spectral_concentration_diagnostics():
-    base, experts = make_experts((40, 40), (0.01, 1.0, 0.1), rank=1)
+    base, experts = low_rank_experts((40, 40), (0.01, 1.0, 0.1), rank=1)
     _, diag = ace_merge(base, experts, spectra=True)
     s = torch.tensor(diag.singular_values_pre, dtype=torch.float64)
     top = math.ceil(0.05 * s.numel())

@@ -8,17 +8,15 @@ import math
 import pytest
 import torch
 
-import mergekit_ace.kernels.ace as ace_module
-import mergekit_ace.kernels.ace_phases as phases
-from mergekit_ace.kernels.ace import (
-    AceOutOfMemoryError,
-    ace_merge,
-    estimate_ace_cost,
-    needs_cpu_fallback,
-)
+import mergekit_ace.kernels.ace.fallback as fallback
+import mergekit_ace.kernels.ace.refine as refine
+import mergekit_ace.kernels.ace.settings as settings
+import mergekit_ace.kernels.ace.workspace as workspace
+from mergekit_ace.kernels.ace import AceOutOfMemoryError, ace_merge, estimate_ace_cost
+from mergekit_ace.kernels.ace.fallback import needs_cpu_fallback
 from mergekit_ace.kernels.linalg import RightSolver, short_side_gram, top_k_isotropic_update
 from tests.reference import reference_ace, rel_err
-from tests.test_kernel_ace import make_experts
+from tests.helpers import low_rank_experts
 
 SHAPES = [((24, 16), (0.01, 1.0, 0.1)),  # m >= n: C^T C formed per task
           ((10, 32), (0.01, 1.0, 0.1, 0.3)),  # 2m < n: (C C^T) C reassociation
@@ -31,8 +29,8 @@ def test_fast_paths_and_fallbacks_match_reference(shape, scales, force, monkeypa
     if force in ("lu", "both"):
         monkeypatch.setattr(RightSolver, "_cholesky", classmethod(lambda cls, B, c: None))
     if force in ("svd", "both"):
-        monkeypatch.setattr(phases, "isotropic_projector", lambda G, k: None)
-    base, experts = make_experts(shape, scales)
+        monkeypatch.setattr(refine, "isotropic_projector", lambda G, k: None)
+    base, experts = low_rank_experts(shape, scales)
     out, diag = ace_merge(base, experts, eps=1e-2, gate_statistic="gamma")
     ref, branch = reference_ace(base, experts, eps=1e-2, gate_statistic="gamma")
     assert diag.branch == branch
@@ -106,11 +104,11 @@ def test_blocked_gram_accumulation_is_exact_in_blocks():
 @pytest.mark.parametrize("kwargs", [{"eps": 1e-2, "gate_statistic": "gamma"}, {},
                                     {"gate": "on"}, {"gate": "on", "prior": False}])
 def test_blocked_and_streaming_plans_match_reference(shape, scales, kwargs, monkeypatch):
-    base, experts = make_experts(shape, scales)
+    base, experts = low_rank_experts(shape, scales)
     whole, _ = ace_merge(base, experts, **kwargs)
-    monkeypatch.setattr(phases, "BLOCK_BYTES", 5 * shape[1] * 4)
-    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
-    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
+    monkeypatch.setattr(workspace, "BLOCK_BYTES", 5 * shape[1] * 4)
+    monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
+    monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
     out, diag = ace_merge(base, experts, **kwargs)
     plan = estimate_ace_cost(shape, len(experts), k_frac=0.3 if diag.k else 0.0)["plan"]
     if 2 * shape[0] >= shape[1]:
@@ -124,10 +122,10 @@ def test_blocked_and_streaming_plans_match_reference(shape, scales, kwargs, monk
 
 
 def test_streaming_plan_falls_back_to_svd(monkeypatch):
-    base, experts = make_experts((37, 8), (0.02, 1.0, 0.3))
-    monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * 8 * 4)
-    monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
-    monkeypatch.setattr(phases, "isotropic_projector", lambda G, k: None)
+    base, experts = low_rank_experts((37, 8), (0.02, 1.0, 0.3))
+    monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 5 * 8 * 4)
+    monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
+    monkeypatch.setattr(refine, "isotropic_projector", lambda G, k: None)
     out, diag = ace_merge(base, experts, gate="on")
     assert diag.spectral == "svd"
     ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate="on")
@@ -176,7 +174,7 @@ def test_oom_decision_fits_falls_back_or_raises(caplog):
 
 
 def test_oom_fallback_parameter_is_validated_and_ignored_on_cpu():
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     a, _ = ace_merge(base, experts)
     b, diag = ace_merge(base, experts, oom_fallback="error", free_device_bytes=0)
     assert torch.equal(a, b) and diag.device is None
@@ -186,7 +184,7 @@ def test_oom_fallback_parameter_is_validated_and_ignored_on_cpu():
 
 def test_cuda_inputs_that_do_not_fit_are_merged_on_cpu(monkeypatch):
     """The fallback branch, driven on CPU tensors that claim to live on CUDA."""
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     expected, _ = ace_merge(base, experts)
 
     class FakeCuda(torch.Tensor):
@@ -197,7 +195,8 @@ def test_cuda_inputs_that_do_not_fit_are_merged_on_cpu(monkeypatch):
         def cpu(self):
             return self.as_subclass(torch.Tensor)
 
-    monkeypatch.setattr(ace_module, "_return_to", lambda tensor, device: tensor)
+    monkeypatch.setattr(fallback, "return_to", lambda tensor, device: tensor)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     fake_base = base.clone().as_subclass(FakeCuda)
     fake_experts = [e.clone().as_subclass(FakeCuda) for e in experts]
     out, diag = ace_merge(fake_base, fake_experts, free_device_bytes=0, tensor_name="w")
@@ -251,7 +250,7 @@ def test_matmul_precision_resolves_to_float32_off_cuda_and_is_validated():
 
     for p in ("auto", "float32", "tf32x3", "tf32"):
         assert resolve_matmul_precision(p, torch.device("cpu"), torch.float32) == "float32"
-    base, experts = make_experts((24, 16), (0.01, 1.0, 0.1))
+    base, experts = low_rank_experts((24, 16), (0.01, 1.0, 0.1))
     a, diag = ace_merge(base, experts, matmul_precision="tf32")
     assert diag.matmul == "float32" and torch.equal(a, ace_merge(base, experts)[0])
     with pytest.raises(ValueError, match="matmul_precision"):
@@ -263,11 +262,11 @@ def test_matmul_precision_resolves_to_float32_off_cuda_and_is_validated():
 def test_split_products_through_the_kernel_match_reference(shape, scales, stream, monkeypatch):
     """The tf32x3 code path (run in float32 here, where TF32 does not exist) gives the
     float64 reference's answer on every plan."""
-    monkeypatch.setattr(ace_module, "resolve_matmul_precision", lambda p, d, t: "tf32x3")
+    monkeypatch.setattr(settings, "resolve_matmul_precision", lambda p, d, t: "tf32x3")
     if stream:
-        monkeypatch.setattr(phases, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
-        monkeypatch.setattr(phases, "KEEP_F_BYTES", 0)
-    base, experts = make_experts(shape, scales)
+        monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 5 * shape[1] * 4)
+        monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
+    base, experts = low_rank_experts(shape, scales)
     for gate in ("on", "off"):
         out, diag = ace_merge(base, experts, gate=gate)
         assert diag.matmul == "tf32x3"
@@ -332,7 +331,7 @@ def test_symmetric_product_flops_count_the_blocks():
 def test_kernel_with_symmetric_blocks_matches_reference(shape, scales, gate, monkeypatch):
     import mergekit_ace.kernels.linalg as linalg
 
-    base, experts = make_experts(shape, scales)
+    base, experts = low_rank_experts(shape, scales)
     whole, _ = ace_merge(base, experts, gate=gate)
     monkeypatch.setattr(linalg, "SYMMETRIC_BLOCK_MIN", 3)
     blocked, _ = ace_merge(base, experts, gate=gate)

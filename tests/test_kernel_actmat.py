@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mergekit_ace.kernels.actmat import actmat_merge
-from mergekit_ace.kernels.common import MergeInputError
-from tests.family_reference import make_experts, reference_actmat
+from mergekit_ace.kernels.inputs import MergeInputError
+from tests.family_reference import reference_actmat
+from tests.helpers import well_conditioned_experts
 from tests.reference import rel_err
 
 CASES = [
@@ -22,7 +23,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,count,kwargs,form", CASES)
 def test_kernel_matches_explicit_pinv(shape, count, kwargs, form):
-    base, experts = make_experts(shape, count)
+    base, experts = well_conditioned_experts(shape, count)
     out, diag = actmat_merge(base, experts, **kwargs)
     ref = reference_actmat(base, experts, **kwargs)
     assert diag.branch == "actmat" and diag.form == form
@@ -36,7 +37,7 @@ def test_kernel_matches_explicit_pinv(shape, count, kwargs, form):
 
 @pytest.mark.parametrize("shape", [(24, 16), (4, 32)])
 def test_one_task_returns_the_expert(shape):
-    base, experts = make_experts(shape, 1)
+    base, experts = well_conditioned_experts(shape, 1)
     out, diag = actmat_merge(base, experts)
     assert diag.form == ("tasks" if shape[0] < shape[1] else "inputs")
     assert rel_err(out - base, experts[0] - base) < 2e-6
@@ -65,7 +66,7 @@ def test_directions_outside_the_span_keep_the_base(shape):
 
 
 def test_one_task_with_a_rank_deficient_gram_returns_the_expert():
-    base, _ = make_experts((12, 20), 1)
+    base, _ = well_conditioned_experts((12, 20), 1)
     g = torch.Generator().manual_seed(5)
     delta = torch.randn(12, 2, generator=g) @ torch.randn(2, 20, generator=g)
     out, diag = actmat_merge(base, [base + delta])
@@ -74,7 +75,7 @@ def test_one_task_with_a_rank_deficient_gram_returns_the_expert():
 
 
 def test_only_weight_ratios_matter_and_zero_leaves_a_model_out():
-    base, experts = make_experts((24, 16), 3)
+    base, experts = well_conditioned_experts((24, 16), 3)
     a, _ = actmat_merge(base, experts, weights=[1.0, 2.0, 3.0])
     b, _ = actmat_merge(base, experts, weights=[10.0, 20.0, 30.0])
     assert torch.allclose(a, b, rtol=0, atol=1e-5)
@@ -85,14 +86,14 @@ def test_only_weight_ratios_matter_and_zero_leaves_a_model_out():
 
 
 def test_lambda_scales_the_merged_task_vector():
-    base, experts = make_experts((24, 16), 3)
+    base, experts = well_conditioned_experts((24, 16), 3)
     one, _ = actmat_merge(base, experts)
     half, _ = actmat_merge(base, experts, lam=0.5)
     assert torch.allclose(half - base, 0.5 * (one - base), rtol=0, atol=1e-6)
 
 
 def test_non_2d_tensors_take_the_weighted_mean():
-    base, experts = make_experts((16,), 3)
+    base, experts = well_conditioned_experts((16,), 3)
     out, diag = actmat_merge(base, experts, weights=[1.0, 1.0, 2.0])
     assert diag.branch == "mean"
     expected = base + (experts[0] + experts[1] + 2 * experts[2] - 4 * base) / 4
@@ -100,7 +101,7 @@ def test_non_2d_tensors_take_the_weighted_mean():
 
 
 def test_unchanged_tensor_returns_the_base_and_bad_weights_are_refused():
-    base, _ = make_experts((8, 6), 1)
+    base, _ = well_conditioned_experts((8, 6), 1)
     out, diag = actmat_merge(base, [base.clone(), base.clone()])
     assert diag.branch == "unchanged" and torch.equal(out, base)
     with pytest.raises(MergeInputError, match="weight"):
@@ -108,7 +109,7 @@ def test_unchanged_tensor_returns_the_base_and_bad_weights_are_refused():
 
 
 def test_bf16_inputs_compute_in_float32_and_return_bf16():
-    base, experts = make_experts((24, 16), 3)
+    base, experts = well_conditioned_experts((24, 16), 3)
     out, _ = actmat_merge(base.bfloat16(), [e.bfloat16() for e in experts])
     assert out.dtype == torch.bfloat16
     ref = reference_actmat(base.bfloat16(), [e.bfloat16() for e in experts])
@@ -159,6 +160,6 @@ def test_rtol_is_the_eigenvalue_cutoff():
 
 @pytest.mark.parametrize("rtol", [-1e-3, 1.0, float("nan"), "tiny"])
 def test_bad_rtol_is_refused(rtol):
-    base, experts = make_experts((8, 6), 2)
+    base, experts = well_conditioned_experts((8, 6), 2)
     with pytest.raises(ValueError, match="rtol"):
         actmat_merge(base, experts, rtol=rtol)

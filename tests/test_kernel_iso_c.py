@@ -4,15 +4,16 @@ hand-checkable cases."""
 import pytest
 import torch
 
-from mergekit_ace.kernels.common import MergeInputError
+from mergekit_ace.kernels.inputs import MergeInputError
 from mergekit_ace.kernels.iso_c import iso_c_merge
-from tests.family_reference import make_experts, reference_iso_c
+from tests.family_reference import reference_iso_c
+from tests.helpers import well_conditioned_experts
 from tests.reference import rel_err
 
 
 @pytest.mark.parametrize("shape,count,lam", [((24, 16), 3, 1.0), ((16, 24), 2, 0.5), ((10, 10), 5, 1.3)])
 def test_kernel_matches_reference(shape, count, lam):
-    base, experts = make_experts(shape, count)
+    base, experts = well_conditioned_experts(shape, count)
     out, diag = iso_c_merge(base, experts, lam=lam)
     ref = reference_iso_c(base, experts, lam=lam)
     assert diag.branch == "iso_c" and diag.rank == min(shape)
@@ -34,7 +35,7 @@ def test_one_task_by_hand():
 def test_flat_spectrum_and_sum_of_tasks():
     """The output's task vector has every singular value equal to the mean of the sum's
     singular values; with a flat-spectrum sum Iso-C is task arithmetic."""
-    base, experts = make_experts((12, 8), 3)
+    base, experts = well_conditioned_experts((12, 8), 3)
     out, diag = iso_c_merge(base.double(), [e.double() for e in experts])
     total = sum(e.double() - base.double() for e in experts)
     s = torch.linalg.svdvals(out - base.double())
@@ -63,14 +64,14 @@ def test_cancelling_tasks_leave_the_base_and_non_2d_take_the_mean():
     base = torch.zeros(6, 4)
     out, diag = iso_c_merge(base, [tau, -tau])
     assert diag.rank == 0 and torch.equal(out, base)
-    base, experts = make_experts((7,), 3)
+    base, experts = well_conditioned_experts((7,), 3)
     out, diag = iso_c_merge(base, experts)
     assert diag.branch == "mean"
     assert torch.allclose(out, sum(experts) / 3, rtol=0, atol=1e-6)
 
 
 def test_per_model_weights_are_refused():
-    base, experts = make_experts((8, 6), 2)
+    base, experts = well_conditioned_experts((8, 6), 2)
     with pytest.raises(MergeInputError, match="weight"):
         iso_c_merge(base, experts, weights=[1.0, 1.0])
 

@@ -6,7 +6,8 @@ import torch
 
 from mergekit_ace.kernels.iso_c import iso_c_merge
 from mergekit_ace.kernels.iso_cts import iso_cts_merge, rank_budget
-from tests.family_reference import make_experts, reference_iso_cts
+from tests.family_reference import reference_iso_cts
+from tests.helpers import well_conditioned_experts
 from tests.reference import rel_err
 
 CASES = [
@@ -21,7 +22,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,count,fraction,lam,budget", CASES)
 def test_kernel_matches_reference(shape, count, fraction, lam, budget):
-    base, experts = make_experts(shape, count)
+    base, experts = well_conditioned_experts(shape, count)
     out, diag = iso_cts_merge(base, experts, common_space_fraction=fraction, lam=lam)
     ref = reference_iso_cts(base, experts, common_space_fraction=fraction, lam=lam)
     assert diag.branch == "iso_cts"
@@ -47,7 +48,7 @@ def test_rank_budget(r, tasks, fraction, budget):
 
 @pytest.mark.parametrize("shape,count", [((24, 16), 3), ((9, 30), 2)])
 def test_full_common_space_is_iso_c(shape, count):
-    base, experts = make_experts(shape, count)
+    base, experts = well_conditioned_experts(shape, count)
     a, diag = iso_cts_merge(base, experts, common_space_fraction=1.0)
     b, _ = iso_c_merge(base, experts)
     assert diag.per_task == 0
@@ -55,7 +56,7 @@ def test_full_common_space_is_iso_c(shape, count):
 
 
 def test_one_task_is_iso_c():
-    base, experts = make_experts((24, 16), 1)
+    base, experts = well_conditioned_experts((24, 16), 1)
     a, diag = iso_cts_merge(base, experts)
     b, _ = iso_c_merge(base, experts)
     assert (diag.k_common, diag.per_task) == (12, 4)
@@ -63,7 +64,7 @@ def test_one_task_is_iso_c():
 
 
 def test_update_is_isotropic_with_full_rank():
-    base, experts = make_experts((20, 14), 3)
+    base, experts = well_conditioned_experts((20, 14), 3)
     out, diag = iso_cts_merge(base.double(), [e.double() for e in experts])
     s = torch.linalg.svdvals(out - base.double())
     assert torch.allclose(s, torch.full_like(s, diag.sigma_iso))
@@ -71,13 +72,13 @@ def test_update_is_isotropic_with_full_rank():
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
 def test_fraction_outside_unit_interval_is_refused(fraction):
-    base, experts = make_experts((8, 6), 2)
+    base, experts = well_conditioned_experts((8, 6), 2)
     with pytest.raises(ValueError, match="common_space_fraction"):
         iso_cts_merge(base, experts, common_space_fraction=fraction)
 
 
 def test_non_2d_tensors_take_the_mean():
-    base, experts = make_experts((5,), 2)
+    base, experts = well_conditioned_experts((5,), 2)
     out, diag = iso_cts_merge(base, experts)
     assert diag.branch == "mean"
     assert torch.allclose(out, (experts[0] + experts[1]) / 2, rtol=0, atol=1e-6)

@@ -9,7 +9,7 @@ from mergekit_ace.kernels.actmat import actmat_merge
 from mergekit_ace.kernels.iso_c import iso_c_merge
 from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.kernels.tsv import tsv_merge
-from tests.family_reference import make_experts
+from tests.helpers import well_conditioned_experts
 
 ADVICE = {  # kernel: (must appear, must not appear)
     ace_merge: ("`eps`", None),
@@ -22,7 +22,7 @@ ADVICE = {  # kernel: (must appear, must not appear)
 
 @pytest.mark.parametrize("kernel", list(ADVICE), ids=lambda k: k.__name__)
 def test_overflow_is_refused_with_the_methods_advice(kernel):
-    base, experts = make_experts((12, 10), 2, scale=10.0)
+    base, experts = well_conditioned_experts((12, 10), 2, scale=10.0)
     with pytest.raises(FloatingPointError, match="non-finite") as error:
         kernel(base, experts, lam=1e38, tensor_name="layers.0.w")
     message = str(error.value)
@@ -34,7 +34,7 @@ def test_overflow_is_refused_with_the_methods_advice(kernel):
 @pytest.mark.parametrize("kernel", list(ADVICE), ids=lambda k: k.__name__)
 def test_overflow_of_the_output_dtype_is_refused(kernel):
     """Finite in float32 but beyond float16's range: refused instead of writing Inf."""
-    base, experts = make_experts((12, 10), 2, scale=10.0)
+    base, experts = well_conditioned_experts((12, 10), 2, scale=10.0)
     with pytest.raises(FloatingPointError, match="float16") as error:
         kernel(base, experts, lam=1e5, out_dtype=torch.float16, tensor_name="layers.0.w")
     assert "'layers.0.w'" in str(error.value)

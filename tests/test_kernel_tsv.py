@@ -4,9 +4,10 @@
 import pytest
 import torch
 
-from mergekit_ace.kernels.common import MergeInputError
+from mergekit_ace.kernels.inputs import MergeInputError
 from mergekit_ace.kernels.tsv import tsv_merge
-from tests.family_reference import make_experts, reference_tsv
+from tests.family_reference import reference_tsv
+from tests.helpers import well_conditioned_experts
 from tests.reference import rel_err
 
 CASES = [
@@ -20,7 +21,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,count,lam,k", CASES)
 def test_kernel_matches_reference(shape, count, lam, k):
-    base, experts = make_experts(shape, count)
+    base, experts = well_conditioned_experts(shape, count)
     out, diag = tsv_merge(base, experts, lam=lam)
     ref = reference_tsv(base, experts, lam=lam)
     assert diag.branch == "tsv" and diag.k == k and diag.kept == [k] * count
@@ -32,7 +33,7 @@ def test_kernel_matches_reference(shape, count, lam, k):
 
 
 def test_one_task_returns_the_expert():
-    base, experts = make_experts((24, 16), 1)
+    base, experts = well_conditioned_experts((24, 16), 1)
     out, diag = tsv_merge(base, experts)
     assert diag.k == 16
     assert rel_err(out - base, experts[0] - base) < 1e-6
@@ -63,14 +64,14 @@ def test_low_rank_task_vectors_contribute_only_their_rank():
 
 
 def test_order_of_the_experts_does_not_matter():
-    base, experts = make_experts((24, 16), 3)
+    base, experts = well_conditioned_experts((24, 16), 3)
     a, _ = tsv_merge(base, experts)
     b, _ = tsv_merge(base, experts[::-1])
     assert torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_more_tasks_than_rank_falls_back_to_the_mean():
-    base, experts = make_experts((8, 2), 3)  # r = 2 < T = 3: floor(r / T) = 0
+    base, experts = well_conditioned_experts((8, 2), 3)  # r = 2 < T = 3: floor(r / T) = 0
     out, diag = tsv_merge(base, experts)
     assert diag.branch == "mean" and "floor" in diag.reason
     assert torch.allclose(out, sum(experts) / 3, rtol=0, atol=1e-6)
@@ -78,13 +79,13 @@ def test_more_tasks_than_rank_falls_back_to_the_mean():
 
 
 def test_non_2d_tensors_take_the_mean_and_zero_task_vectors_do_not_count():
-    base, experts = make_experts((16,), 2)
+    base, experts = well_conditioned_experts((16,), 2)
     out, diag = tsv_merge(base, experts + [base.clone()])
     assert diag.branch == "mean" and diag.participants == [0, 1]
     assert torch.allclose(out, (experts[0] + experts[1]) / 2, rtol=0, atol=1e-6)
 
 
 def test_per_model_weights_are_refused():
-    base, experts = make_experts((8, 6), 2)
+    base, experts = well_conditioned_experts((8, 6), 2)
     with pytest.raises(MergeInputError, match="weight"):
         tsv_merge(base, experts, weights=[1.0, 2.0])

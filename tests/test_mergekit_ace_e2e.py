@@ -200,7 +200,7 @@ def test_negative_weight_is_named(tiny_family, tmp_path):
 
 def test_library_errors_name_the_tensor(monkeypatch):
     """An error raised inside a numerical library is re-raised with the tensor's name."""
-    from mergekit_ace.registration import our_method
+    from mergekit_ace.methods import our_method
     from mergekit.merge_methods.base import TensorGroup
 
     def failing_svd(*args, **kwargs):

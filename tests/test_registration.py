@@ -62,12 +62,12 @@ def test_mergekit_own_ace_is_kept_without_crashing():
         from mergekit.merge_methods import registry
         from mergekit.merge_methods.linear import linear_merge
         from dataclasses import replace
-        import mergekit_ace.registration as reg
+        import mergekit_ace.methods as methods
         from mergekit_ace import compat
 
         # a mergekit that ships its own `ace`: its registry already holds the name
         assert compat.unregister_method("ace") is not None
-        reg._OURS.clear()
+        methods._OURS.clear()
         theirs = type(linear_merge)(replace(linear_merge.spec, name="ace"), linear_merge.implementation)
         registry.register(theirs)
         import mergekit_ace

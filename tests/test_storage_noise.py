@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from mergekit_ace.kernels import common
 from mergekit_ace.kernels.ace import ace_merge
 from mergekit_ace.kernels.actmat import actmat_merge
-from mergekit_ace.kernels.common import storage_precision
+from mergekit_ace.kernels.reports import reset_reports
+from mergekit_ace.kernels.storage_noise import storage_precision
 from mergekit_ace.kernels.iso_c import iso_c_merge
 from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.kernels.tsv import tsv_merge
@@ -26,9 +26,9 @@ KERNELS = {
 
 @pytest.fixture(autouse=True)
 def _fresh_reports():
-    common.reset_reports()
+    reset_reports()
     yield
-    common.reset_reports()
+    reset_reports()
 
 
 def _real_experts(shape=(48, 40), rel=(1.1e-3, 1.3e-3, 1.5e-3), seed=0):
@@ -130,7 +130,7 @@ def test_storage_precision_sees_through_an_upcast():
 def test_warning_names_model_and_tensor_once_per_model(caplog):
     base, experts, _ = _real_experts()
     names = ["a", "b", "c", "base_in_bf16"]
-    with caplog.at_level(logging.DEBUG, logger="mergekit_ace.kernels.common"):
+    with caplog.at_level(logging.DEBUG, logger="mergekit_ace.kernels.reports"):
         tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.0.w",
                   expert_names=names)
         tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.1.w",
@@ -158,21 +158,21 @@ def test_non_2d_tensors_and_single_expert():
 
 
 def test_bfloat16_bit_test_agrees_with_the_round_trip():
-    from mergekit_ace.kernels.common import _holds_exactly
+    from mergekit_ace.kernels.storage_noise import holds_exactly
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(64, 48, generator=g)
     stored = x.to(torch.bfloat16).float()
     for block, expected in ((stored, True), (x, False), (stored[:, ::2], True)):
-        assert _holds_exactly(block, torch.bfloat16) is expected
+        assert holds_exactly(block, torch.bfloat16) is expected
         assert torch.equal(block.to(torch.bfloat16).float(), block) is expected
     one_bit = stored.clone()
     one_bit.view(torch.int32)[5, 7] |= 1  # one value no longer a bfloat16
-    assert not _holds_exactly(one_bit, torch.bfloat16)
+    assert not holds_exactly(one_bit, torch.bfloat16)
 
 
 def test_all_finite_finds_nan_inf_and_does_not_mistake_overflowing_sums():
-    from mergekit_ace.kernels.common import all_finite
+    from mergekit_ace.kernels.inputs import all_finite
 
     big = torch.full((8, 8), 3e38)  # finite values whose float32 sum overflows
     assert all_finite(big)

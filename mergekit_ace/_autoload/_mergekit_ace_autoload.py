@@ -6,12 +6,17 @@ When (and only when) one of the mergekit modules below is first imported, the fi
 load normally and then hands it to ``mergekit_ace.registration.after_import``: after the
 method registry, this package's methods are registered; after the planner and ``run_merge``,
 the configuration check and the model-card addition are hooked in.
+
+The package is named here, not imported: it imports this module (to watch modules that are
+not loaded yet), and this one must stay importable without it.
 """
 
+import importlib
 import sys
 from importlib.machinery import PathFinder
 
 TARGETS = ("mergekit.merge_methods.registry", "mergekit.plan", "mergekit.merge")
+AFTER_IMPORT = ("mergekit_ace.registration", "after_import")  # module, function
 
 
 class _AfterLoad:
@@ -25,9 +30,8 @@ class _AfterLoad:
     def exec_module(self, module):
         self._inner.exec_module(module)
         try:
-            import mergekit_ace.registration as registration
-
-            registration.after_import(self._fullname)
+            module, function = AFTER_IMPORT
+            getattr(importlib.import_module(module), function)(self._fullname)
         except Exception as error:  # never break mergekit itself
             import warnings
 

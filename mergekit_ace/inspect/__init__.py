@@ -14,7 +14,8 @@ Each merged tensor is dropped as soon as it is produced and nothing but the repo
 Modules, each importing only those listed before it: :mod:`.report` (the rows and the report),
 :mod:`.costs` (flop rate, per-tensor cost), :mod:`.summary` (terminal text), :mod:`.plots`
 (matplotlib, optional), :mod:`.writers` (CSV/JSON, and the plots on request), :mod:`.planning`
-(every access to mergekit internals), :mod:`.run` (:func:`inspect_config`).
+(planning the merge and lending the instrumented method, through :mod:`mergekit_ace.compat`),
+:mod:`.run` (:func:`inspect_config`).
 """
 
 from mergekit_ace.inspect.costs import calibrate_flop_rate, tensor_cost

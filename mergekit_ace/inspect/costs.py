@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 import torch
 
 from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
-from mergekit_ace.kernels.ace_parameters import ACE_DEFAULTS
+from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS
 
 
 def calibrate_flop_rate(device: str = "cpu", size: int = 512, experts: int = 3,
@@ -44,7 +44,7 @@ def sync(device: str) -> None:
 
 
 def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_bytes: int,
-                flop_rate: float, refine: bool = True, k_frac: float = ACE_DEFAULTS["k_frac"],
+                flop_rate: float, refine: bool = True, k_frac: float = ACE_PARAMETERS.default("k_frac"),
                 matmul: str = "float32") -> Dict[str, float]:
     """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
 

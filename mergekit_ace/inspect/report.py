@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_ace.kernels.ace_parameters import DEFAULT_GATE_STATISTIC
+from mergekit_ace.kernels.ace.parameters import DEFAULT_GATE_STATISTIC
 
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.(?P<kind>weight|bias))?$")
 
@@ -44,7 +44,7 @@ class TensorRow:
     matmul: Optional[str] = None
     rcond: Optional[float] = None
     condition: Optional[float] = None
-    spread: Optional[float] = None  # s_1 / s_k over the refined directions
+    boost_ratio: Optional[float] = None  # s_1 / s_k over the refined directions
     ridge: Optional[float] = None
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None

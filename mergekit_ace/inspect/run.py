@@ -23,9 +23,10 @@ from mergekit_ace.inspect.report import (
     energy_curve,
     split_name,
 )
+from mergekit_ace import compat
 from mergekit_ace.kernels.ace import AceDiagnostics, AceOutOfMemoryError
-from mergekit_ace.kernels.ace_parameters import ACE_DEFAULTS, UNDECIDED, predict_branch
-from mergekit_ace.kernels.common import MergeInputError
+from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS, UNDECIDED, predict_branch
+from mergekit_ace.kernels.inputs import MergeInputError
 from mergekit_ace.kernels.linalg import resolve_matmul_precision
 
 # What a merge can fail with because of the checkpoints' contents (non-finite values,
@@ -87,26 +88,30 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _row_skeleton(merge_task, shape, dtype_name: str, n_experts: int, flop_rate: float,
+def _row_skeleton(planned: compat.PlannedTensor, shape, dtype_name: str, flop_rate: float,
                   compute_bytes: int, branch: str, device: str) -> TensorRow:
-    name = merge_task.output_weight.name
-    layer, module = split_name(name)
-    params = {k: v for k, v in merge_task.parameters.items()}
+    layer, module = split_name(planned.name)
+    params = dict(planned.parameters)
     weights = {}
-    for model, values in merge_task.input_parameters.items():
-        if "weight" in values and model != merge_task.base_model:
+    for model, values in planned.model_parameters.items():
+        if "weight" in values and model != planned.base:
             weights[str(model)] = values["weight"]
     if weights and len(set(weights.values())) > 1:
         params["weights"] = list(weights.values())
-    load_bytes = _torch_dtype(dtype_name).itemsize
-    refine = params.get("refine", True) and branch in ("heterogeneous", UNDECIDED)
-    precision = params.get("matmul_precision", ACE_DEFAULTS["matmul_precision"])
+
+    def parameter(name):
+        return params.get(name, ACE_PARAMETERS.default(name))
+
+    refine = parameter("refine") and branch in ("heterogeneous", UNDECIDED)
     compute_dtype = torch.float64 if compute_bytes == 8 else torch.float32
-    cost = tensor_cost(shape, n_experts, load_bytes, compute_bytes, flop_rate, refine=refine,
-                       k_frac=params.get("k_frac", ACE_DEFAULTS["k_frac"]),
-                       matmul=resolve_matmul_precision(precision, torch.device(device), compute_dtype))
-    return TensorRow(name=name, module=module, layer=layer, shape=tuple(shape), dtype=dtype_name,
-                     parameters=params, branch=branch, **cost)
+    matmul = resolve_matmul_precision(
+        parameter("matmul_precision"), torch.device(device), compute_dtype
+    )
+    load_bytes = _torch_dtype(dtype_name).itemsize
+    cost = tensor_cost(shape, len(planned.experts), load_bytes, compute_bytes, flop_rate,
+                       refine=refine, k_frac=parameter("k_frac"), matmul=matmul)
+    return TensorRow(name=planned.name, module=module, layer=layer, shape=tuple(shape),
+                     dtype=dtype_name, parameters=params, branch=branch, **cost)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -130,15 +135,11 @@ def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Option
     row.k, row.sigma_iso = diag.k, diag.sigma_iso
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
     row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
-    row.condition, row.spread = diag.condition, diag.spread
+    row.condition, row.boost_ratio = diag.condition, diag.boost_ratio
     row.concentration_pre, row.concentration_post = diag.concentration_pre, diag.concentration_post
     row.spectrum_pre = energy_curve(diag.singular_values_pre)
     row.spectrum_post = energy_curve(diag.singular_values_post)
     row.kernel_seconds = seconds
-
-
-def _experts_of(merge_task) -> list:
-    return [m for m in merge_task.model_order if m != merge_task.base_model]
 
 
 def _estimate_rows(planned: Planned, device: str, flop_rate: float, quiet: bool) -> List[TensorRow]:
@@ -151,21 +152,20 @@ def _estimate_rows(planned: Planned, device: str, flop_rate: float, quiet: bool)
             continue
         shape, st_dtype, dtype = entry
         dtype = dtype or _torch_dtype(st_dtype).__str__().replace("torch.", "")
-        experts = _experts_of(merge_task)
-        gate_parameters = {k: v for k, v in merge_task.parameters.items()
+        planned_tensor = compat.planned_tensor(merge_task)
+        gate_parameters = {k: v for k, v in planned_tensor.parameters.items()
                            if k in ("tau", "gate", "gate_statistic")}
         # without energies a gate: auto branch is UNDECIDED, costed as heterogeneous
-        branch = predict_branch(len(shape), None, n_experts=len(experts), **gate_parameters).branch
+        branch = predict_branch(len(shape), None, n_experts=len(planned_tensor.experts),
+                                **gate_parameters).branch
         compute_bytes = 8 if str(dtype) == "float64" else 4
-        rows.append(_row_skeleton(merge_task, shape, str(dtype), len(experts), flop_rate,
-                                  compute_bytes, branch, device))
+        rows.append(_row_skeleton(planned_tensor, shape, str(dtype), flop_rate, compute_bytes,
+                                  branch, device))
     return rows
 
 
 def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
                quiet: bool) -> List[TensorRow]:
-    from mergekit.graph import Executor
-
     collected: Dict[str, Tuple[AceDiagnostics, Optional[float]]] = {}
 
     def collect(diag: AceDiagnostics, seconds: Optional[float]) -> None:
@@ -173,23 +173,24 @@ def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
 
     rows: List[TensorRow] = []
     with instrumented_method(collect):
-        executor = Executor(targets=planned.tasks, math_device=torch.device(device),
-                            storage_device=torch.device(storage))
-        for merge_task, tensor in executor.run(quiet=quiet, desc="Inspecting"):
-            name = merge_task.output_weight.name
+        results = compat.execute(planned.tasks, math_device=torch.device(device),
+                                 storage_device=torch.device(storage), quiet=quiet,
+                                 desc="Inspecting")
+        for merge_task, tensor in results:
+            planned_tensor = compat.planned_tensor(merge_task)
             shape = tuple(tensor.shape) if tensor is not None else ()
             dtype = str(tensor.dtype).replace("torch.", "") if tensor is not None else "?"
             del tensor  # the merged tensor itself is never kept
-            experts = _experts_of(merge_task)
             compute_bytes = 8 if dtype == "float64" else 4
-            found = collected.pop(name, None)
+            found = collected.pop(planned_tensor.name, None)
             # "copied": not merged by the kernel (a non-float buffer or a pass-through)
             branch = found[0].branch if found is not None else "copied"
-            row = _row_skeleton(merge_task, shape, dtype, len(experts), flop_rate, compute_bytes,
-                                branch, device)
+            row = _row_skeleton(planned_tensor, shape, dtype, flop_rate, compute_bytes, branch,
+                                device)
             if found is not None:
-                _fill_from_diagnostics(row, found[0], found[1], experts, planned.models)
+                _fill_from_diagnostics(row, found[0], found[1], planned_tensor.experts,
+                                       planned.models)
             rows.append(row)
-    order = {task.output_weight.name: i for i, task in enumerate(planned.tasks)}
+    order = {compat.planned_tensor(task).name: i for i, task in enumerate(planned.tasks)}
     rows.sort(key=lambda r: order.get(r.name, len(order)))  # execution order is by name
     return rows

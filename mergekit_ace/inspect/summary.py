@@ -7,7 +7,7 @@ import os
 from typing import Dict, List
 
 from mergekit_ace.inspect.report import InspectReport, TensorRow
-from mergekit_ace.kernels.ace_parameters import UNDECIDED
+from mergekit_ace.kernels.ace.parameters import UNDECIDED
 
 
 def human_bytes(n: float) -> str:

@@ -23,17 +23,18 @@ Two equivalent forms, the smaller one runs (``ActMatDiagnostics.form``):
   a ``[T m, T m]`` pseudo-inverse (docs/family.md, "ACTMat", with weights).
 
 The pseudo-inverse is never formed: the symmetric PSD Gram is diagonalized (``eigh``) and
-eigenvalues at or below ``rtol * lambda_max`` are treated as zero (the same cutoff in both
-forms, so they agree). ``rtol`` is a parameter of the method, not of the precision: the default
-``"auto"`` is ``max(T m, n) * 2^-23``, ``torch.linalg.pinv``'s default tolerance for a float32
-Gram, in float64 too, so ``dtype: float64`` computes the same merge as float32 (to rounding).
+eigenvalues at or below ``rtol`` times the largest are treated as zero (the same cut-off in
+both forms, so they agree; :mod:`~mergekit_ace.kernels.cutoffs`). ``rtol`` is a parameter of
+the method, not of the precision: the default ``"auto"`` is ``max(T m, n) * 2^-23``,
+``torch.linalg.pinv``'s default tolerance for a float32 Gram, in float64 too, so
+``dtype: float64`` computes the same merge as float32 (to rounding).
 Since the Gram's eigenvalues are squared singular values of ``D~``, directions whose singular
 value is below ``sqrt(rtol) * sigma_max`` (about ``2e-2 sigma_max`` for a 4096-wide layer)
 count as outside the span.
 
 Accuracy: with ``A = sum_t w_t G_t``, ``sum_t w_t G_t A^+ = A A^+`` is the projector ``Pi``
-onto the kept row space, so with ``mean`` the weighted mean task vector, ``D* = mean Pi + (sum_t w_t (D_t - mean) G_t)
-A^+`` exactly. The kernel computes it that way: only the tasks' disagreement goes through the
+onto the kept row space, so with ``mean`` the weighted mean task vector,
+``D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+`` exactly. The kernel computes it that way: only the tasks' disagreement goes through the
 ill-conditioned ``A^+`` (whose rounding error grows with the cube of the condition number),
 and one task gives ``D_1 Pi = D_1`` to rounding.
 """
@@ -46,11 +47,34 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from mergekit_ace.kernels.common import TaskVectors, weighted_mean_delta
+from mergekit_ace.kernels.cutoffs import actmat_auto_rtol
 from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
-from mergekit_ace.kernels.linalg import RANK_EPS, psd_range
+from mergekit_ace.kernels.linalg import psd_range
+from mergekit_ace.kernels.parameters import (
+    DROP_NOISE,
+    LAMBDA,
+    WEIGHT,
+    Parameter,
+    ParameterTable,
+    number_or_word,
+)
+from mergekit_ace.kernels.task_vectors import TaskVectors, weighted_mean_delta
 
-DEFAULT_RTOL = "auto"
+ACTMAT_PARAMETERS = ParameterTable(
+    "actmat",
+    (
+        Parameter(
+            "rtol",
+            "auto",
+            number_or_word("rtol", "auto", 0.0, "a number in [0, 1)", 1.0, below_high=True),
+            "eigenvalues of the Gram at or below rtol * largest count as zero; auto: "
+            "max(T m, n) * 2^-23, the float32 pinv tolerance, in every dtype",
+        ),
+        LAMBDA,
+        WEIGHT,
+        DROP_NOISE,
+    ),
+)
 
 
 @dataclass
@@ -67,7 +91,7 @@ def actmat_merge(
     experts: Sequence[torch.Tensor],
     *,
     weights: Optional[Sequence[float]] = None,
-    rtol: Union[float, str] = DEFAULT_RTOL,
+    rtol: Union[float, str] = ACTMAT_PARAMETERS.default("rtol"),
     **options: Any,
 ) -> tuple[torch.Tensor, ActMatDiagnostics]:
     """Merge one tensor with ACTMat; returns ``(W0 + lam * D*, diagnostics)``.
@@ -78,60 +102,57 @@ def actmat_merge(
     every compute dtype. ``options``: ``lam`` and the rest of
     :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s.
     """
-    validate_rtol(rtol)
+    rtol = ACTMAT_PARAMETERS.check(rtol=rtol)["rtol"]
 
     def solve(tv: TaskVectors, diag: ActMatDiagnostics) -> torch.Tensor:
         return _actmat_2d(tv, diag, rtol)
 
     return merge_tensor(
-        "actmat", base, experts, solve, ActMatDiagnostics,
-        weighted=True, weights=weights,
+        ACTMAT_PARAMETERS,
+        base,
+        experts,
+        solve,
+        ActMatDiagnostics,
+        weights=weights,
         remedy="raise `rtol` (more near-zero directions then count as outside the span) or "
         "compute in float64 (`dtype: float64`)",
         **options,
     )
 
 
-def validate_rtol(rtol: Union[float, str]) -> None:
-    if rtol == "auto":
-        return
-    if isinstance(rtol, (str, bool)) or not (0.0 <= rtol < 1.0):
-        raise ValueError(f"rtol must be a number in [0, 1) or 'auto', got {rtol!r}")
-
-
 def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics, rtol: Union[float, str]) -> torch.Tensor:
     m, n = tv.base.shape
     T = len(tv.deltas)
-    diag.rtol = max(T * m, n) * RANK_EPS if rtol == "auto" else float(rtol)
+    diag.rtol = actmat_auto_rtol(T * m, n) if rtol == "auto" else float(rtol)
     # Anchored at the weighted mean task vector: sum_t w_t G_t A^+ = Pi (the projector onto
     # the row space), so D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+. Exact algebra; it
     # keeps the ill-conditioned solve off the part the tasks agree on (one task: D_1 Pi).
     # Solved in float64 whatever the compute dtype: the Gram squares the condition number,
-    # so in float32 an eigenvalue near the cutoff (rtol * lambda_max) carries a relative
-    # error of about eps / rtol = 1 / max(T m, n), and its direction's share of D* with it.
+    # so in float32 an eigenvalue near the cut-off (rtol * lambda_max) carries a relative
+    # error of about 2^-23 / rtol = 1 / max(T m, n), and its direction's share of D* with it.
     work = torch.float64
     mean = weighted_mean_delta(tv).to(work)
     if T * m < n:
         diag.form = "tasks"
-        roots = [math.sqrt(w) for w in tv.weights]
+        roots = [math.sqrt(w) for w in tv.participation.weights]
         stacked = torch.cat([r * d.to(work) for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
-        lam, P = psd_range(stacked @ stacked.T, diag.rtol)
+        eigenvalues, P = psd_range(stacked @ stacked.T, diag.rtol)
         H = torch.cat(
             [r * ((d.to(work) - mean) @ d.to(work).T) for r, d in zip(roots, tv.deltas)], dim=1
         )
-        basis = (stacked.T @ P) / lam.sqrt()  # right singular vectors of the stack
-        correction = ((H @ P) / lam) @ (P.T @ stacked)
+        basis = (stacked.T @ P) / eigenvalues.sqrt()  # right singular vectors of the stack
+        correction = ((H @ P) / eigenvalues) @ (P.T @ stacked)
     else:
         diag.form = "inputs"
         gram = mean.new_zeros(n, n)  # sum_t w_t G_t
         rhs = mean.new_zeros(m, n)  # sum_t w_t (D_t - mean) G_t
-        for w, d in zip(tv.weights, tv.deltas):
+        for w, d in zip(tv.participation.weights, tv.deltas):
             d = d.to(work)
             G = d.T @ d
             gram.add_(G, alpha=w)
             rhs.addmm_(d - mean, G, alpha=w)
             del G, d
-        lam, basis = psd_range(gram, diag.rtol)
-        correction = ((rhs @ basis) / lam) @ basis.T
-    diag.rank = int(lam.numel())
+        eigenvalues, basis = psd_range(gram, diag.rtol)
+        correction = ((rhs @ basis) / eigenvalues) @ basis.T
+    diag.rank = int(eigenvalues.numel())
     return correction.addmm_(mean @ basis, basis.T).to(tv.base.dtype)

@@ -10,7 +10,7 @@ V^T``, and its spectrum is flattened: every singular value becomes their mean,
     merged = s_bar U V^T,    s_bar = mean_i s_i,    output  W0 + lam * merged.
 
 Decisions (``docs/family.md``): singular values that are numerically zero
-(``kernels.linalg.rank_tolerance`` of ``s_max``) are left out, both from the mean and from the
+(``kernels.cutoffs.rank_tolerance`` of ``s_max``) are left out, both from the mean and from the
 directions: their singular vectors are arbitrary, so isotropic scaling would write noise of
 size ``s_bar`` along them. For a full-rank sum (full fine-tunes) this is exactly the reference
 computation; for a low-rank sum (e.g. LoRA experts) the merge stays inside the experts' span.
@@ -24,9 +24,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mergekit_ace.kernels.common import TaskVectors
 from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
 from mergekit_ace.kernels.linalg import top_singular_triplets
+from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, ParameterTable
+from mergekit_ace.kernels.task_vectors import TaskVectors
+
+ISO_C_PARAMETERS = ParameterTable("iso_c", (LAMBDA, DROP_NOISE))
 
 
 @dataclass
@@ -42,7 +45,7 @@ def iso_c_merge(
     """Merge one tensor with Iso-C; returns ``(W0 + lam * merged, diagnostics)``.
     ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
     Iso-C has no per-task weights."""
-    return merge_tensor("iso_c", base, experts, _iso_c_2d, IsoDiagnostics, **options)
+    return merge_tensor(ISO_C_PARAMETERS, base, experts, _iso_c_2d, IsoDiagnostics, **options)
 
 
 def task_sum(tv: TaskVectors) -> torch.Tensor:

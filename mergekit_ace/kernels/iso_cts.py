@@ -33,10 +33,31 @@ from typing import Any, Sequence
 
 import torch
 
-from mergekit_ace.kernels.common import TaskVectors
 from mergekit_ace.kernels.datafree import merge_tensor
 from mergekit_ace.kernels.iso_c import IsoDiagnostics, isotropic, task_sum
 from mergekit_ace.kernels.linalg import nearest_orthonormal, top_singular_triplets
+from mergekit_ace.kernels.parameters import (
+    DROP_NOISE,
+    LAMBDA,
+    Parameter,
+    ParameterTable,
+    number,
+)
+from mergekit_ace.kernels.task_vectors import TaskVectors
+
+ISO_CTS_PARAMETERS = ParameterTable(
+    "iso_cts",
+    (
+        Parameter(
+            "common_space_fraction",
+            0.8,
+            number("common_space_fraction", 0.0, 1.0, "in [0, 1]"),
+            "share of the rank given to the common subspace of the summed task vectors",
+        ),
+        LAMBDA,
+        DROP_NOISE,
+    ),
+)
 
 
 @dataclass
@@ -46,13 +67,6 @@ class IsoCtsDiagnostics(IsoDiagnostics):
 
     k_common: int = 0
     per_task: int = 0
-
-
-def validate_fraction(common_space_fraction: float) -> None:
-    if not (0.0 <= common_space_fraction <= 1.0):
-        raise ValueError(
-            f"common_space_fraction must be in [0, 1], got {common_space_fraction}"
-        )
 
 
 def rank_budget(r: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -66,18 +80,20 @@ def iso_cts_merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    common_space_fraction: float = 0.8,
+    common_space_fraction: float = ISO_CTS_PARAMETERS.default("common_space_fraction"),
     **options: Any,
 ) -> tuple[torch.Tensor, IsoCtsDiagnostics]:
     """Merge one tensor with Iso-CTS; returns ``(W0 + lam * merged, diagnostics)``.
     ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
     Iso-CTS has no per-task weights."""
-    validate_fraction(common_space_fraction)
+    fraction = ISO_CTS_PARAMETERS.check(common_space_fraction=common_space_fraction)[
+        "common_space_fraction"
+    ]
 
     def solve(tv: TaskVectors, diag: IsoCtsDiagnostics) -> torch.Tensor:
-        return _iso_cts_2d(tv, diag, common_space_fraction)
+        return _iso_cts_2d(tv, diag, fraction)
 
-    return merge_tensor("iso_cts", base, experts, solve, IsoCtsDiagnostics, **options)
+    return merge_tensor(ISO_CTS_PARAMETERS, base, experts, solve, IsoCtsDiagnostics, **options)
 
 
 def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> torch.Tensor:
@@ -86,7 +102,7 @@ def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> to
     U_c, s_c, Vh_c = top_singular_triplets(task_sum(tv), diag.k_common)
     Us, ss, Vhs = [U_c], [s_c], [Vh_c]
     if diag.per_task > 0:
-        for delta, energy in zip(tv.deltas, tv.energies):
+        for delta, energy in zip(tv.deltas, tv.participation.energies):
             outside = delta - U_c @ (U_c.T @ delta)
             # Numerically zero relative to the task vector, not to the residual: with low-rank
             # experts the residual is pure round-off, and its own scale would keep it.

@@ -1,4 +1,6 @@
-"""Linear-algebra helpers shared by the kernels: a right solve that never forms an inverse."""
+"""Linear-algebra helpers shared by the kernels: a right solve that never forms an inverse and
+reports its conditioning, truncated spectral decompositions, and the large products (symmetric
+Grams, and on CUDA the TF32 tensor-core products)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+
+from mergekit_ace.kernels.cutoffs import GRAM_EIGH_MIN_RATIO, kept_eigenvalues, rank_tolerance
 
 
 @dataclass
@@ -22,22 +26,16 @@ class SolveInfo:
     (:func:`cholesky_condition`) where the bound from the ridge (``RightSolver.factor``'s
     ``floor``) allows a loss above ``ACCURACY_WARN`` or when asked; otherwise that bound,
     which is then small enough. Infinite for LU and least squares (the system was singular or
-    indefinite at working precision; a Cholesky pivot ratio below ``eps`` already means a
-    condition number above ``1 / eps``, since the pivots lie between the extreme
-    eigenvalues); ``None`` when no floor was given. The pivot ratio ``rcond`` alone can be
-    100x optimistic (measured on real experts: ``1 / rcond = 5.8e3`` for a system of
-    condition ``9.8e5``).
+    indefinite at working precision; a Cholesky pivot ratio below the machine epsilon already
+    means a condition number above its inverse, since the pivots lie between the extreme
+    eigenvalues); ``None`` when no floor was given. ``rcond`` alone can be far more optimistic
+    than ``condition`` (docs/performance.md, "Measurements behind smaller choices").
     """
 
     method: str
     rcond: float
     condition: Optional[float] = None
     measured: bool = False
-
-
-# The unit of every numerical-rank cutoff: float32's machine epsilon, whatever the compute
-# dtype, so that a merge computed in float64 drops the same directions as in float32.
-RANK_EPS = torch.finfo(torch.float32).eps
 
 
 # Relative change of a result that round-off can cause (condition number * unit round-off *
@@ -48,6 +46,7 @@ ACCURACY_WARN = 1e-2
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: the largest relative error of rounding to ``dtype``."""
     return torch.finfo(dtype).eps / 2
 
 
@@ -59,15 +58,15 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
     exact arithmetic the estimate is at most the true value; it converges fastest in the case
     that matters, a cluster of eigenvalues at the ridge (a rank-deficient sum of proxies).
     Where the condition number approaches ``1 / u`` the factor's own round-off dominates and
-    the estimate can exceed the true value (float32, true 1.35e7: measured 4.5e7)."""
+    the estimate can exceed the true value."""
     n = L.shape[0]
     if n == 0:
         return 1.0
     g = torch.Generator(device=L.device).manual_seed(0)
     start = torch.linalg.qr(torch.randn(n, min(block, n), generator=g, device=L.device,
                                         dtype=L.dtype)).Q
-    # Products as X^T L (a wide row block times L): several times faster on CPU than L X
-    # with a skinny X; two triangular solves likewise beat cholesky_solve.
+    # X^T L (a wide row block times L) rather than L X with a skinny X, and two triangular
+    # solves rather than cholesky_solve: the faster forms on CPU.
     X = start
     for _ in range(iterations):
         X = torch.linalg.qr(((X.mT @ L) @ L.mT).mT).Q
@@ -80,14 +79,6 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
         torch.linalg.solve_triangular(L, X, upper=False), ord=2)) ** 2
     estimate = largest * inv_smallest
     return max(1.0, estimate) if math.isfinite(estimate) else math.inf  # 1: rounding at n = 1
-
-
-def rank_tolerance(largest: float, shape: tuple) -> float:
-    """Numerical-rank cutoff ``largest * max(shape) * eps``: the convention of
-    ``numpy.linalg.matrix_rank`` and of ``torch.linalg.pinv``'s default ``rtol``, with
-    ``eps`` float32's machine epsilon (``RANK_EPS``) in every compute dtype. Singular values
-    at or below it are rounding noise in float32; their singular vectors are arbitrary."""
-    return float(largest) * max(shape) * RANK_EPS
 
 
 def top_singular_triplets(
@@ -137,13 +128,13 @@ def polar_from_gram(X: torch.Tensor) -> torch.Tensor:
 
 def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-pairs spanning the numerical range of a symmetric positive semi-definite ``A``
-    (``eigh``): ``(lam_r, Q_r)`` with the eigenvalues above ``rtol * max(lam)``, so that
-    ``A^+ = Q_r diag(1 / lam_r) Q_r^T`` without ever forming it. Eigenvalues at or below the
-    cutoff count as zero (their directions are outside the range)."""
-    evals, evecs = torch.linalg.eigh(A)
-    top = float(evals.max()) if evals.numel() else 0.0
-    keep = evals > rtol * top if top > 0.0 else torch.zeros_like(evals, dtype=torch.bool)
-    return evals[keep], evecs[:, keep]
+    (``eigh``): ``(eigenvalues, basis)`` with the eigenvalues above ``rtol`` times the largest
+    (:func:`~mergekit_ace.kernels.cutoffs.kept_eigenvalues`), so that
+    ``A^+ = basis diag(1 / eigenvalues) basis^T`` without ever forming it. Eigenvalues at or
+    below the cut-off count as zero (their directions are outside the range)."""
+    eigenvalues, vectors = torch.linalg.eigh(A)
+    keep = kept_eigenvalues(eigenvalues, rtol)
+    return eigenvalues[keep], vectors[:, keep]
 
 
 class RightSolver:
@@ -198,20 +189,20 @@ class RightSolver:
 
     @classmethod
     def _cholesky(cls, B: torch.Tensor, c: Optional[torch.Tensor]) -> Optional["RightSolver"]:
-        eps = torch.finfo(B.dtype).eps
+        machine_epsilon = torch.finfo(B.dtype).eps
         L, info = torch.linalg.cholesky_ex(B)
         if int(info) != 0:
             return None
         d = L.diagonal()
         top = float(d.max()) if d.numel() else 0.0
         rcond = (float(d.min()) / top) ** 2 if top > 0 else 0.0
-        if not rcond > eps:
+        if not rcond > machine_epsilon:
             return None
         if c is None:
             return cls("cholesky", rcond, (L, None, 1.0))
         z = _right_cholesky_solve(L, c.reshape(1, -1)).reshape(-1)  # B^{-1} c
         denom = 1.0 + float(z.sum(dtype=torch.float64))
-        if not abs(denom) > math.sqrt(eps):
+        if not abs(denom) > math.sqrt(machine_epsilon):
             return None
         return cls("cholesky", rcond, (L, z, denom))
 
@@ -242,15 +233,15 @@ class RightSolver:
 
 
 def _right_cholesky_solve(L: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
-    """``X`` with ``X L L^T = N``: two triangular solves from the right (no transposed
-    copies of ``N``; measured ~25 % faster than ``cholesky_solve(N^T, L)^T`` on CPU)."""
+    """``X`` with ``X L L^T = N``: two triangular solves from the right, with no transposed
+    copies of ``N`` (faster on CPU than ``cholesky_solve(N^T, L)^T``)."""
     Y = torch.linalg.solve_triangular(L.transpose(0, 1), N, upper=True, left=False)
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
 
 
 # Symmetric products x^T x are formed block by block, the blocks above the diagonal once and
-# mirrored: about four blocks of columns, none narrower than this (measured with MKL on two
-# cores: 0.73-0.85 of one full product's time, the same values bit for bit).
+# mirrored: about four blocks of columns, none narrower than this (narrower blocks run below
+# the GEMM's efficient size; docs/performance.md).
 SYMMETRIC_BLOCK_MIN = 192
 
 
@@ -306,14 +297,13 @@ def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor,
 
     The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
     a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.
-    Returns ``None`` (the caller then runs the SVD) when ``s_k < 1e-3 s_1``: dividing by such
-    small singular values would amplify the float32 round-off of the final product beyond
-    what an SVD gives.
+    Returns ``None`` (the caller then runs the SVD) when ``s_k`` is below
+    :data:`~mergekit_ace.kernels.cutoffs.GRAM_EIGH_MIN_RATIO` times ``s_1``.
     """
-    evals, vecs = torch.linalg.eigh(G)
-    top = evals[-k:].flip(0).clamp_min(0.0) if k else evals[:0]
+    eigenvalues, vecs = torch.linalg.eigh(G)
+    top = eigenvalues[-k:].flip(0).clamp_min(0.0) if k else eigenvalues[:0]
     s = top.sqrt()
-    if k == 0 or not float(s[-1]) >= 1e-3 * float(s[0]) or not float(s[0]) > 0:
+    if k == 0 or not float(s[-1]) >= GRAM_EIGH_MIN_RATIO * float(s[0]) or not float(s[0]) > 0:
         return None
     V = vecs[:, -k:].flip(1)
     del vecs
@@ -331,7 +321,6 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
     return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
 
 
-MATMUL_PRECISIONS = ("auto", "float32", "tf32x3", "tf32")
 _TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
 _TF32_HALF = 4096  # half of the 13 bits TF32 drops
 SPLIT_BLOCK_BYTES = 128 * 2**20  # columns of a right factor split at once
@@ -340,17 +329,15 @@ SPLIT_BLOCK_BYTES = 128 * 2**20  # columns of a right factor split at once
 def resolve_matmul_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
     """The precision the large float32 products run in on ``device``.
 
-    ``float32``: plain float32 (the CPU's and the default-PyTorch GPU's). ``tf32x3``: each
-    operand split into a TF32 head and a TF32 remainder (:func:`tf32_split`), three
-    tensor-core products (head*head, head*rest, rest*head) summed in float32. ``tf32``: one tensor-core product
-    (~1e-3 relative error, an explicit opt-in). ``auto``: ``tf32x3`` on CUDA GPUs with tensor
-    cores for TF32 (compute capability 8.0 and newer), ``float32`` elsewhere. Float64
-    computation is never changed, and TF32 exists only on CUDA: everything else is ``float32``.
+    ``precision`` is the parameter's canonical value (``auto``, ``float32``, ``tf32x3`` or
+    ``tf32``). ``float32``: plain float32 (the CPU's and the default-PyTorch GPU's).
+    ``tf32x3``: each operand split into a TF32 head and a TF32 remainder (:func:`tf32_split`),
+    three tensor-core products (head*head, head*rest, rest*head) summed in float32. ``tf32``:
+    one tensor-core product (~1e-3 relative error, an explicit opt-in). ``auto``: ``tf32x3``
+    on CUDA GPUs with tensor cores for TF32 (compute capability 8.0 and newer), ``float32``
+    elsewhere. Float64 computation is never changed, and TF32 exists only on CUDA: everything
+    else is ``float32``.
     """
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(
-            f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}"
-        )
     if dtype != torch.float32 or device.type != "cuda":
         return "float32"
     if precision == "auto":

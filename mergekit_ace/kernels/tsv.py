@@ -18,7 +18,7 @@ Decisions (``docs/family.md``): ``T`` counts the experts that changed the tensor
 ``floor(r / T) == 0`` (more tasks than the tensor's rank, e.g. ``[m, 1]`` matrices) there is
 no rank to share and the tensor takes the mean task vector instead (the reference code would
 write a zero update there); singular triplets whose value is numerically zero
-(``kernels.linalg.rank_tolerance``) are left out before the orthogonalization, since their
+(``kernels.cutoffs.rank_tolerance``) are left out before the orthogonalization, since their
 vectors are arbitrary; tensors that are not 2-D take the mean task vector (as the reference
 code does). Orthogonalization is invariant to the order of the concatenation.
 """
@@ -30,9 +30,12 @@ from typing import Any, List, Sequence
 
 import torch
 
-from mergekit_ace.kernels.common import TaskVectors
 from mergekit_ace.kernels.datafree import DataFreeDiagnostics, mean_delta, merge_tensor
 from mergekit_ace.kernels.linalg import nearest_orthonormal, top_singular_triplets
+from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, ParameterTable
+from mergekit_ace.kernels.task_vectors import TaskVectors
+
+TSV_PARAMETERS = ParameterTable("tsv", (LAMBDA, DROP_NOISE))
 
 
 @dataclass
@@ -50,7 +53,7 @@ def tsv_merge(
     """Merge one tensor with TSV-M; returns ``(W0 + lam * merged, diagnostics)``.
     ``options``: ``lam`` and the rest of :func:`~mergekit_ace.kernels.datafree.merge_tensor`'s;
     TSV-M has no per-task weights."""
-    return merge_tensor("tsv", base, experts, _tsv_2d, TsvDiagnostics, **options)
+    return merge_tensor(TSV_PARAMETERS, base, experts, _tsv_2d, TsvDiagnostics, **options)
 
 
 def _tsv_2d(tv: TaskVectors, diag: TsvDiagnostics) -> torch.Tensor:

@@ -1,19 +1,14 @@
 """``merge_method: ace`` — the mergekit adapter of :func:`mergekit_ace.kernels.ace.ace_merge`.
 
-Its parameters are the kernel layer's table (:data:`~mergekit_ace.kernels.ace_parameters.
+Its parameters are the kernel's table (:data:`~mergekit_ace.kernels.ace.parameters.
 ACE_PARAMETERS`): same defaults, same checks, same descriptions.
 """
 
 from __future__ import annotations
 
 from mergekit_ace.kernels.ace import ace_merge
-from mergekit_ace.kernels.ace_parameters import ACE_PARAMETERS
-from mergekit_ace.methods.common import (
-    KernelMergeMethod,
-    lambda_parameter,
-    parameter_spec,
-    weight_parameter,
-)
+from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS
+from mergekit_ace.methods.common import KernelMergeMethod
 
 PRETTY_NAME = "ACE-Merging"
 REFERENCE_URL = "https://arxiv.org/abs/2603.02945"
@@ -35,9 +30,5 @@ def ace_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         citation=CITATION,
         kernel=ace_merge,
-        parameters=(
-            *(parameter_spec(p) for p in ACE_PARAMETERS),
-            lambda_parameter(),
-            weight_parameter(),
-        ),
+        parameters=ACE_PARAMETERS,
     )

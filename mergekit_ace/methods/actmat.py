@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.actmat import DEFAULT_RTOL, actmat_merge
-from mergekit_ace.methods.common import (
-    KernelMergeMethod,
-    _number_or_word,
-    lambda_parameter,
-    shared,
-    weight_parameter,
-)
+from mergekit_ace.kernels.actmat import ACTMAT_PARAMETERS, actmat_merge
+from mergekit_ace.methods.common import KernelMergeMethod
 
 PRETTY_NAME = "ACTMat"
 REFERENCE_URL = "https://arxiv.org/abs/2604.01329"
@@ -32,11 +26,5 @@ def actmat_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         citation=CITATION,
         kernel=actmat_merge,
-        parameters=(
-            shared("rtol", _number_or_word("rtol", "auto", 0.0, "a number in [0, 1)", 1.0), DEFAULT_RTOL,
-                   "eigenvalues of the Gram at or below rtol * largest count as zero; auto: "
-                   "max(T m, n) * 2^-23, the float32 pinv tolerance, in every dtype"),
-            lambda_parameter(),
-            weight_parameter(),
-        ),
+        parameters=ACTMAT_PARAMETERS,
     )

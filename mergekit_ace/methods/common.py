@@ -1,15 +1,12 @@
-"""What every mergekit adapter of this package shares: parameter types that validate with
-messages naming the parameter, the base-model contract, and the call into a pure kernel."""
+"""What every mergekit adapter of this package shares: its parameters, built from the
+kernel's table (:class:`~mergekit_ace.kernels.parameters.ParameterTable`, so they validate with
+the kernel's messages), the base-model contract, and the call into a pure kernel."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
-from pydantic import PlainValidator
-from typing_extensions import Annotated
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -19,48 +16,24 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
+from pydantic import PlainValidator
+from typing_extensions import Annotated
 
-from mergekit_ace.kernels.parameters import (
-    DROP_NOISE,
-    LAMBDA,
-    WEIGHT,
-    Parameter,
-    number,
-    number_or_word,
-)
+from mergekit_ace.kernels.parameters import PER_MODEL, Parameter, ParameterTable
+from mergekit_ace.methods import model_label
 
 
-def _number(name: str, low: float = -math.inf, high: float = math.inf, what: str = "") -> Any:
-    return Annotated[float, PlainValidator(number(name, low, high, what))]
-
-
-def _number_or_word(name: str, word: str, low: float = -math.inf, what: str = "",
-                    high: float = math.inf) -> Any:
-    return Annotated[Any, PlainValidator(number_or_word(name, word, low, what, high))]
-
-
-def shared(name: str, value_type: Any, default: Any, description: str) -> ParameterSpec:
-    return ParameterSpec(name, value_type, ParameterScope.SHARED, default=default, description=description)
-
-
-def parameter_spec(parameter: Parameter, scope: ParameterScope = ParameterScope.SHARED) -> ParameterSpec:
+def parameter_spec(parameter: Parameter) -> ParameterSpec:
     """The mergekit ``ParameterSpec`` of a kernel-layer :class:`Parameter`: same default,
     same check (so the same error message), same description."""
-    return ParameterSpec(parameter.name, Annotated[Any, PlainValidator(parameter.check)], scope,
-                         default=parameter.default, description=parameter.description)
-
-
-def lambda_parameter() -> ParameterSpec:
-    return parameter_spec(LAMBDA)
-
-
-def drop_noise_parameter() -> ParameterSpec:
-    """Shared by every method of this package (``KernelMergeMethod`` adds it)."""
-    return parameter_spec(DROP_NOISE)
-
-
-def weight_parameter() -> ParameterSpec:
-    return parameter_spec(WEIGHT, ParameterScope.NON_BASE)
+    scope = ParameterScope.NON_BASE if parameter.scope == PER_MODEL else ParameterScope.SHARED
+    return ParameterSpec(
+        parameter.name,
+        Annotated[Any, PlainValidator(parameter.check)],
+        scope,
+        default=parameter.default,
+        description=parameter.description,
+    )
 
 
 def base_required_contract() -> InputContract:
@@ -71,9 +44,8 @@ class KernelMergeMethod(GroupMergeMethod):
     """A mergekit method whose work is one pure kernel call per output tensor.
 
     ``kernel(base, experts, weights=..., tensor_name=..., expert_names=..., **params)`` must
-    return ``(tensor, diagnostics)``. ``parameter_map`` renames mergekit parameter names to
-    kernel keyword names (``lambda`` is a Python keyword). Every such method also takes
-    ``drop_noise`` (:func:`drop_noise_parameter`), which every kernel accepts.
+    return ``(tensor, diagnostics)``; ``parameters`` is the kernel's table: the adapter declares
+    exactly its entries and passes each under the kernel's name (``lambda`` -> ``lam``).
     """
 
     def __init__(
@@ -82,9 +54,8 @@ class KernelMergeMethod(GroupMergeMethod):
         name: str,
         pretty_name: str,
         reference_url: str,
-        parameters: Sequence[ParameterSpec],
+        parameters: ParameterTable,
         kernel: Callable[..., Tuple[torch.Tensor, Any]],
-        parameter_map: Optional[Dict[str, str]] = None,
         citation: str = "",
     ):
         self.citation = citation  # BibTeX entry of the method's paper, for the model card
@@ -92,11 +63,11 @@ class KernelMergeMethod(GroupMergeMethod):
             name=name,
             pretty_name=pretty_name,
             reference_url=reference_url,
-            parameters=tuple(parameters) + (drop_noise_parameter(),),
+            parameters=tuple(parameter_spec(p) for p in parameters),
             contract=base_required_contract(),
         )
         self.kernel = kernel
-        self.parameter_map = {"lambda": "lam", **(parameter_map or {})}
+        self.kernel_names = {p.name: p.kernel_name for p in parameters}
         self.on_diagnostics: Optional[Callable[[Any], None]] = None
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
@@ -113,7 +84,7 @@ class KernelMergeMethod(GroupMergeMethod):
         base = group.base
         experts = group.non_base
         weights = parameters.pop("weight", None)
-        kwargs = {self.parameter_map.get(k, k): v for k, v in parameters.items()}
+        kwargs = {self.kernel_names.get(k, k): v for k, v in parameters.items()}
         name = group.metadata.name
         try:
             tensor, diagnostics = self.kernel(
@@ -136,11 +107,4 @@ class KernelMergeMethod(GroupMergeMethod):
         if self.on_diagnostics is not None:
             self.on_diagnostics(diagnostics)
         return tensor
-
-
-def model_label(model_id: Any) -> str:
-    """A readable name for a mergekit ``ModelReference`` (or any other input id)."""
-    model = getattr(model_id, "model", None)
-    path = getattr(model, "path", None)
-    return str(path) if path is not None else str(model_id)
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.iso_c import iso_c_merge
-from mergekit_ace.methods.common import KernelMergeMethod, lambda_parameter
+from mergekit_ace.kernels.iso_c import ISO_C_PARAMETERS, iso_c_merge
+from mergekit_ace.methods.common import KernelMergeMethod
 
 PRETTY_NAME = "Iso-C"
 REFERENCE_URL = "https://arxiv.org/abs/2502.04959"
@@ -29,5 +29,5 @@ def iso_c_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         citation=CITATION,
         kernel=iso_c_merge,
-        parameters=(lambda_parameter(),),
+        parameters=ISO_C_PARAMETERS,
     )

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.iso_cts import iso_cts_merge
-from mergekit_ace.methods.common import KernelMergeMethod, _number, lambda_parameter, shared
+from mergekit_ace.kernels.iso_cts import ISO_CTS_PARAMETERS, iso_cts_merge
+from mergekit_ace.methods.common import KernelMergeMethod
 from mergekit_ace.methods.iso_c import CITATION  # one paper describes Iso-C and Iso-CTS
 
 PRETTY_NAME = "Iso-CTS"
@@ -18,10 +18,5 @@ def iso_cts_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         citation=CITATION,
         kernel=iso_cts_merge,
-        parameters=(
-            shared("common_space_fraction",
-                   _number("common_space_fraction", 0.0, 1.0, "in [0, 1]"), 0.8,
-                   "share of the rank given to the common subspace of the summed task vectors"),
-            lambda_parameter(),
-        ),
+        parameters=ISO_CTS_PARAMETERS,
     )

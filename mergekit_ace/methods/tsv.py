@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mergekit_ace.kernels.tsv import tsv_merge
-from mergekit_ace.methods.common import KernelMergeMethod, lambda_parameter
+from mergekit_ace.kernels.tsv import TSV_PARAMETERS, tsv_merge
+from mergekit_ace.methods.common import KernelMergeMethod
 
 PRETTY_NAME = "TSV-M (Task Singular Vectors)"
 REFERENCE_URL = "https://arxiv.org/abs/2412.00081"
@@ -26,5 +26,5 @@ def tsv_method() -> KernelMergeMethod:
         reference_url=REFERENCE_URL,
         citation=CITATION,
         kernel=tsv_merge,
-        parameters=(lambda_parameter(),),
+        parameters=TSV_PARAMETERS,
     )

@@ -1,0 +1,169 @@
+"""Step 6 of the method (docs/method.md), the heterogeneous branch's spectral refinement
+(eq. 15-19), with the solve of step 5 it surrounds: ``F = W_pre + D`` with
+``D = sum w tau_t (Shat_t - Rbar)``, and ``W = W_pre + sigma_iso U_k V_k^T``.
+
+``D`` needs ``B``, which the factorization replaces, so it is formed before the solve. A tensor
+small enough (:class:`~mergekit_ace.kernels.ace.workspace.WorkspacePlan` ``keep_f``) keeps
+``F`` in a second ``[m, n]`` buffer; a larger one re-forms it a block of rows at a time, once
+for its Gram and once for the update, solving each block where it is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_ace.kernels.ace.closed_form import (
+    ProxySums,
+    System,
+    TaskVectorRows,
+    factor,
+    solve_rows_,
+)
+from mergekit_ace.kernels.ace.workspace import WorkspacePlan
+from mergekit_ace.kernels.linalg import (
+    RightSolver,
+    SolveInfo,
+    add_symmetric_,
+    addmm_,
+    isotropic_projector,
+    short_side_gram,
+    top_singular_triplets,
+)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What step 6 did: ``sigma_iso``; how the top directions were found (``"gram-eigh"`` or
+    ``"svd"``); ``k``, how many were boosted (fewer than planned when ``F`` has lower
+    numerical rank); ``boost_ratio = s_1 / s_k`` over them (``None`` when none were), the
+    factor by which boosting the weakest multiplies the relative round-off ``F`` carries."""
+
+    sigma_iso: Optional[float]
+    spectral: str
+    k: int
+    boost_ratio: Optional[float]
+
+
+class ResidualRows:
+    """``D = sum w tau_t (Shat_t - Rbar) = Q + 1 q^T - T_sum Rbar`` (eq. 15-16), with
+    ``Rbar = B / sum w`` and ``Q = N - C_eps``, re-formed a block of rows at a time;
+    ``T_sum = sum w tau_t`` and ``C_eps = sum w eps_t C_t`` come from the inputs."""
+
+    def __init__(self, rows: TaskVectorRows, weights: Sequence[float], sums: ProxySums,
+                 B: torch.Tensor, matmul: str):
+        self.rows, self.weights, self.sums, self.B, self.matmul = rows, weights, sums, B, matmul
+        self.weight_total = float(sum(weights))
+        # sum w eps_t mu_t
+        self.ridge_mean = sum((w * r) * mu for w, r, mu in zip(weights, sums.ridges, rows.means))
+
+    def block(self, N_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        T_sum = C_eps = None
+        for t, (w, r) in enumerate(zip(self.weights, self.sums.ridges)):
+            delta = self.rows.rows(t, start, stop)
+            if T_sum is None:
+                T_sum, C_eps = delta.mul(w), delta.mul_(w * r)
+            else:
+                T_sum.add_(delta, alpha=w)
+                C_eps.add_(delta, alpha=w * r)
+            del delta
+        D = N_rows.sub(C_eps.sub_(self.ridge_mean)).add_(self.sums.q)  # Q + 1 q^T
+        del C_eps
+        return addmm_(D, T_sum, self.B, alpha=-1.0 / self.weight_total, precision=self.matmul)
+
+
+def solve_and_refine(
+    rows: TaskVectorRows,
+    weights: Sequence[float],
+    sums: ProxySums,
+    system: System,
+    plan: WorkspacePlan,
+    *,
+    measure: bool = False,
+    record_pre: Optional[Callable[[torch.Tensor], None]] = None,
+) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
+    """Steps 5-6 of the heterogeneous branch: ``(W, the solve's report, the refinement)``,
+    ``W`` in ``sums.N``'s storage. ``record_pre(W_pre)`` is called on the preliminary
+    solution (``plan.keep_f`` only); ``measure``: measure the system's condition number even
+    where its bound is small. It is also measured where the refinement's ``boost_ratio``
+    could carry the solve's round-off past ``linalg.ACCURACY_WARN``."""
+    residual = ResidualRows(rows, weights, sums, system.B, plan.matmul)
+    if not plan.keep_f:
+        return _refine_streaming(residual, factor(system, sums, measure=measure), sums.N, plan)
+    F = torch.empty_like(sums.N)
+    for start, stop in plan.blocks:
+        F[start:stop] = residual.block(sums.N[start:stop], start, stop)
+    del residual  # it holds B, which the factorization replaces
+    solver = factor(system, sums, measure=measure)
+    W_pre = solve_rows_(solver, sums.N, plan)
+    F.add_(W_pre)
+    if record_pre is not None:
+        record_pre(W_pre)
+    return _refine_held(W_pre, F, plan, solver)
+
+
+def _refine_held(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan,
+                 solver: RightSolver) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
+    """The refinement of a preliminary solution ``W`` whose ``F`` is held whole."""
+    refinement = isotropic_update_(W, F, plan)
+    solver.check_condition(refinement.boost_ratio or 1.0)
+    return W, solver.info, refinement
+
+
+def _refine_streaming(residual: ResidualRows, solver: RightSolver, N: torch.Tensor,
+                      plan: WorkspacePlan) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
+    """``F`` re-formed block by block: for its float64 Gram, then again for the update."""
+
+    def f_rows(start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        W_rows = solver.solve(N[start:stop])
+        return W_rows, residual.block(N[start:stop], start, stop).add_(W_rows)
+
+    gram = torch.zeros(plan.n, plan.n, dtype=torch.float64, device=N.device)
+    for start, stop in plan.blocks:
+        F64 = f_rows(start, stop)[1].to(torch.float64)
+        add_symmetric_(gram, F64)
+        del F64
+    top = isotropic_projector(gram, plan.k)
+    del gram
+    if top is None:  # rare: materialize F for the SVD
+        F = torch.empty_like(N)
+        for start, stop in plan.blocks:
+            N[start:stop], F[start:stop] = f_rows(start, stop)
+        return _refine_held(N, F, plan, solver)
+    P, sigma, boost_ratio = top
+    solver.check_condition(boost_ratio)
+    P = P.to(N.dtype)
+    for start, stop in plan.blocks:
+        W_rows, F_rows = f_rows(start, stop)
+        N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
+        del W_rows, F_rows
+    return N, solver.info, Refinement(sigma, "gram-eigh", plan.k, boost_ratio)
+
+
+def isotropic_update_(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan) -> Refinement:
+    """``W += sigma_iso U_k V_k^T`` (eq. 17-19) in place: ``U_k V_k^T = F P`` (tall) or
+    ``P F`` (wide) from the Gram's projector, or a thin SVD of ``F`` where that declines.
+
+    In the SVD, numerically zero directions of ``F`` (low-rank experts) are not boosted: their
+    singular vectors are arbitrary and would write noise of size ``sigma_iso``. ``F`` comes out
+    of a solve, whose float32 round-off sits above a single matrix's, so the cut-off is
+    measured against ``||F||_F`` rather than its largest singular value."""
+    top = isotropic_projector(short_side_gram(F), plan.k)
+    if top is None:
+        scale = float(torch.linalg.vector_norm(F, dtype=torch.float64))
+        U, s, Vh = top_singular_triplets(F, plan.k, scale=scale)
+        if not s.numel():
+            return Refinement(None, "svd", 0, None)
+        sigma = float(s.mean())
+        W.addmm_(U, Vh, alpha=sigma)
+        return Refinement(sigma, "svd", int(s.numel()), float(s[0] / s[-1]))
+    P, sigma, boost_ratio = top
+    P = P.to(W.dtype)
+    if plan.m >= plan.n:
+        for start, stop in plan.blocks:
+            addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
+    else:
+        addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
+    return Refinement(sigma, "gram-eigh", plan.k, boost_ratio)
