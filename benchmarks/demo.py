@@ -13,12 +13,7 @@ per task beside the base model and the experts. The full comparison of every met
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # python benchmarks/demo.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def demo_methods(n_tasks: int):
     return [f"task_arithmetic (lambda=1/{n_tasks})", "task_arithmetic (lambda=1)", "ace"]

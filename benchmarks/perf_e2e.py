@@ -7,11 +7,11 @@ size of each ``mergekit-yaml`` process (GNU ``time -v``: "Maximum resident set s
 the script also polls ``nvidia-smi`` for the GPU's peak used memory). The checkpoints are
 deleted at the end unless ``--keep``.
 
-    python benchmarks/perf_e2e.py --layers 2 --experts 3 --out benchmarks/runs/e2e_cpu.jsonl
-    python benchmarks/perf_e2e.py --preset tiny --flags=";--low-cpu-memory;--lazy-unpickle"
-    python benchmarks/perf_e2e.py --flags="--cuda;--cuda --read-to-gpu;--cuda --multi-gpu"
-    python benchmarks/perf_e2e.py --base BASE --models E1 E2 E3 --dtype float32 --repeat 2
-    python benchmarks/perf_e2e.py --methods task_arithmetic ace ace:OMP_NUM_THREADS=1
+    python -m benchmarks.perf_e2e --layers 2 --experts 3 --out benchmarks/runs/e2e_cpu.jsonl
+    python -m benchmarks.perf_e2e --preset tiny --flags=";--low-cpu-memory;--lazy-unpickle"
+    python -m benchmarks.perf_e2e --flags="--cuda;--cuda --read-to-gpu;--cuda --multi-gpu"
+    python -m benchmarks.perf_e2e --base BASE --models E1 E2 E3 --dtype float32 --repeat 2
+    python -m benchmarks.perf_e2e --methods task_arithmetic ace ace:OMP_NUM_THREADS=1
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ each tensor took, the rate that gives, and the float32 matrix-product rate measu
 same process with the same threads (so the fraction of it the kernel reaches, and the floor:
 the work at that rate).
 
-    python benchmarks/perf_floor.py BASE EXPERT [EXPERT ...] [--threads 2] [--out f.jsonl]
+    python -m benchmarks.perf_floor BASE EXPERT [EXPERT ...] [--threads 2] [--out f.jsonl]
 """
 
 from __future__ import annotations
@@ -17,16 +17,10 @@ import json
 import time
 from pathlib import Path
 
-import sys
-
 import torch
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost  # noqa: E402
+from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
 
 
 def load(path: Path, dtype) -> dict:

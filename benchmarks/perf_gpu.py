@@ -5,17 +5,18 @@ Subcommands (each appends JSON lines to ``--out``):
 - ``kernel``: every distinct Llama-3-8B shape, ``T`` experts, both branches (``--gates on
   off``), each ``matmul_precision``; best of ``--reps`` timed calls after a warm-up, and
   ``torch.cuda.max_memory_allocated`` above the inputs. ``--label`` names the kernel
-  measured: run it once with this checkout and once with ``PYTHONPATH`` pointing at an older
-  one (``--precisions default``) to compare the two on the same GPU.
-- ``accuracy``: against the float64 re-derivation of ``tests/reference.py`` (on the GPU, in
-  float64), for the shapes it can afford.
+  measured: run it once with this checkout and once with an older kernel first on the path
+  (``--precisions default``; ``benchmarks/perf_gpu.sh`` shows how) to compare the two on the
+  same GPU.
+- ``accuracy``: against the kernel in float64 on the same GPU (which the tests pin to the
+  independent float64 re-derivation), for the shapes it can afford.
 - ``eigh``: ``torch.linalg.eigh`` in float32 and float64 (the spectral step's one call), with
   cuSOLVER and with MAGMA on CUDA.
 - ``capped``: ``mergekit-yaml`` (``--mergekit-args``) in a process whose GPU memory is capped by
   ``torch.cuda.set_per_process_memory_fraction`` (e.g. a 16 GB card on an 80 GB one).
 
-    python benchmarks/perf_gpu.py kernel --T 3 8 --out runs/gpu/kernel.jsonl
-    python benchmarks/perf_gpu.py capped --cap-gib 16 --mergekit-args "ace.yml out --cuda"
+    python -m benchmarks.perf_gpu kernel --T 3 8 --out runs/gpu/kernel.jsonl
+    python -m benchmarks.perf_gpu capped --cap-gib 16 --mergekit-args "ace.yml out --cuda"
 """
 
 from __future__ import annotations
@@ -26,16 +27,11 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # appended: an older kernel on PYTHONPATH stays first
-
-from benchmarks.perf_kernel import DISTINCT, LLAMA3_8B, make_inputs  # noqa: E402
-from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost  # noqa: E402
+from benchmarks.perf_kernel import DISTINCT, LLAMA3_8B, make_inputs
+from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
 
 
 def _sync(device):
@@ -93,7 +89,7 @@ def kernel(args):
                         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                         # whether the condition number was measured (spread > 41 at eps: auto)
                         "condition": getattr(diag, "condition", None),
-                        "spread": getattr(diag, "spread", None),
+                        "boost_ratio": getattr(diag, "boost_ratio", getattr(diag, "spread", None)),
                     })
             del base, experts
 
@@ -107,18 +103,20 @@ def _estimate(shape, T, diag):
         return None
 
 
-def accuracy(args):
-    from tests.reference import reference_ace, rel_err
+def rel_err(a, b):
+    """``||a - b||_F / ||b||_F`` in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
+
+def accuracy(args):
     for name in args.shapes:
         shape = LLAMA3_8B[name]
         if args.scale > 1:
             shape = (shape[0] // args.scale, shape[1] // args.scale)
         base, experts = make_inputs(shape, 3, device=args.device)
         for gate in args.gates:
-            with torch.device(args.device):
-                ref, branch = reference_ace(base, experts, gate=gate, eps="auto",
-                                            gate_statistic="log_spread")
+            ref, ref_diag = ace_merge(base.double(), [e.double() for e in experts], gate=gate)
+            branch = ref_diag.branch
             ref_delta = ref - base.double()
             for precision in args.precisions:
                 out, diag = _call(base, experts, gate, precision, out_dtype=torch.float32)

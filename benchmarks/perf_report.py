@@ -1,7 +1,7 @@
 """Markdown tables from the JSON lines written by perf_kernel.py and perf_e2e.py.
 
-    python benchmarks/perf_report.py benchmarks/runs/kernel_scaled.jsonl benchmarks/runs/e2e_cpu.jsonl
-    python benchmarks/perf_report.py --best run1.jsonl run2.jsonl   # fastest of repeated runs
+    python -m benchmarks.perf_report benchmarks/runs/kernel_scaled.jsonl benchmarks/runs/e2e_cpu.jsonl
+    python -m benchmarks.perf_report --best run1.jsonl run2.jsonl   # fastest of repeated runs
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mergekit_ace.kernels.ace import estimate_ace_cost  # noqa: E402
+from mergekit_ace.kernels.ace import estimate_ace_cost
 
 MB = 1e6
 

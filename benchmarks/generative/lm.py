@@ -13,11 +13,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from benchmarks.generative.corpora import Domain
-from benchmarks.real_llama.model import TrainConfig, _batch, _pad_id, optimize
+from benchmarks.real_llama.model import TrainConfig, optimize, pad_batch, padding_id
 
 
 def _start_id(tokenizer) -> int:
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else _pad_id(tokenizer)
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else padding_id(tokenizer)
 
 
 def encode_docs(tokenizer, texts: Sequence[str], max_tokens: int) -> List[List[int]]:
@@ -69,7 +69,7 @@ def doc_scores(model, tokenizer, texts: Sequence[str], max_tokens: int,
     model.eval()
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        ids, mask, _ = _batch([seqs[i] for i in idx], _pad_id(tokenizer))
+        ids, mask, _ = pad_batch([seqs[i] for i in idx], padding_id(tokenizer))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target, valid = ids[:, 1:], mask[:, 1:].bool()
         nll = torch.nn.functional.cross_entropy(

@@ -51,7 +51,7 @@ def encode_prompts(tokenizer, task: Task, texts: Sequence[str], max_text_tokens:
     return out
 
 
-def _batch(seqs: List[List[int]], pad_id: int):
+def pad_batch(seqs: List[List[int]], pad_id: int):
     """Right-padded batch; returns input_ids, attention_mask, index of each last token."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -68,7 +68,7 @@ def _last_hidden(model, ids, mask, last):
     return hidden[torch.arange(ids.shape[0]), last]
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -83,7 +83,7 @@ def fine_tune(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     label_ids = label_token_ids(tokenizer, task)
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     order: List[Example] = []
 
     def step_loss(step: int):
@@ -95,7 +95,7 @@ def fine_tune(
                 rng.shuffle(order)
             batch.append(order.pop())
         seqs = encode_prompts(tokenizer, task, [t for t, _ in batch], cfg.max_text_tokens)
-        ids, mask, last = _batch(seqs, pad)
+        ids, mask, last = pad_batch(seqs, pad)
         h = _last_hidden(model, ids, mask, last)
         logits = model.lm_head(h)
         target = torch.tensor([label_ids[y] for _, y in batch])
@@ -147,13 +147,13 @@ def score(
     label_ids = torch.tensor(label_token_ids(tokenizer, task))
     seqs = encode_prompts(tokenizer, task, [t for t, _ in examples], max_text_tokens)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     model.eval()
     head = model.lm_head.weight[label_ids]  # [labels, hidden]
     correct = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask, last = _batch([seqs[i] for i in idx], pad)
+        ids, mask, last = pad_batch([seqs[i] for i in idx], pad)
         h = _last_hidden(model, ids, mask, last)
         pred = (h @ head.T).argmax(dim=-1)
         correct += sum(int(p) == examples[i][1] for p, i in zip(pred.tolist(), idx))
