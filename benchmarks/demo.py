@@ -1,7 +1,7 @@
 """Demo: real SmolLM2-135M experts, merged with ACE through ``mergekit-yaml``.
 
     bash benchmarks/setup.sh            # once: model file, data sets, plotting
-    python -m benchmarks.demo           # 4 experts (about 20 min on 2 idle cores; docs/benchmarks.md)
+    python -m benchmarks.demo           # 4 experts (about 20 min on 2 idle cores)
     python -m benchmarks.demo --quick   # 2 small experts, a first look
 
 Trains one expert per task (or reuses ``benchmarks/cache/``), merges them with ``ace`` and

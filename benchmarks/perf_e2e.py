@@ -187,7 +187,7 @@ def run_merge(config, out_dir, flags, gpu=False, env=None):
     if poller:
         result["peak_gpu_mib"] = poller.peak
     if done.returncode != 0:
-        tail = [l for l in done.stderr.splitlines() if l.strip() and not l.startswith("\t")]
+        tail = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("\t")]
         result["error"] = "\n".join(tail[-5:])
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -200,7 +200,7 @@ def spawn(shape, n_experts, impl, device, save, timeout, gate="auto"):
     except subprocess.TimeoutExpired:
         return {"shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
                 "error": f"timeout after {timeout} s"}
-    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
                 "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}

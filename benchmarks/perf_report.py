@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from mergekit_ace.kernels.ace import estimate_ace_cost
 

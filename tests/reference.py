@@ -38,12 +38,12 @@ def reference_ace(
         return W0 + lam * sum(x * t for x, t in zip(w, taus)) / sum(w), "mean"
 
     m, n = W0.shape
-    I = torch.eye(n, dtype=torch.float64)
+    identity = torch.eye(n, dtype=torch.float64)
     e = torch.tensor([float((t * t).sum()) for t in taus], dtype=torch.float64)
     if T > 1:
         if gate_statistic == "gamma":
-            l = torch.log(e + 1e-12)
-            stat = float(l.var(unbiased=True) / (l.mean() ** 2 + 1e-12))
+            logs = torch.log(e + 1e-12)
+            stat = float(logs.var(unbiased=True) / (logs.mean() ** 2 + 1e-12))
         else:
             stat = float(torch.log10(e).std(unbiased=True))
     else:
@@ -70,7 +70,7 @@ def reference_ace(
             eps_t = [2.0**-12 * float(torch.trace(sh)) for sh in Shat]
         else:
             eps_t = [eps] * T
-    R = [sh + et * I for sh, et in zip(Shat, eps_t)]
+    R = [sh + et * identity for sh, et in zip(Shat, eps_t)]
 
     A = sum(x * r for x, r in zip(w, R))
     if prior:

@@ -3,8 +3,6 @@ cite (each method's paper as BibTeX). Real ``mergekit-yaml``/``mergekit-multi`` 
 checked in test_examples.py and test_config_check.py with :func:`tests.helpers.assert_credits`."""
 
 import re
-from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 from mergekit.config import MergeConfiguration

@@ -144,8 +144,9 @@ def _nearly_low_rank_experts(noise, m=512, n=512, seed=0):
 def test_refinement_boost_ratio_warning_tracks_the_real_error(caplog):
     """Boosting directions down to ``s_1 / boost_ratio`` multiplies the solve's float32
     round-off by ``boost_ratio``: with ``eps: auto`` (condition bounded by 4097) the estimate
-    ``condition * u * boost_ratio`` is measured, stays within a small factor of the real distance from float64, and
-    past 1 % the merge warns with the remedies that apply (float64, a lower k_frac)."""
+    ``condition * u * boost_ratio`` is measured, stays within a small factor of the real
+    distance from float64, and past 1 % the merge warns with the remedies that apply (float64,
+    a lower k_frac)."""
     from tests.reference import reference_ace, rel_err
 
     base, experts = _nearly_low_rank_experts(noise=0.003)

@@ -25,9 +25,12 @@ EXPERTS = list(EXPERT_SCALES)
 TYPOS = {"k_fraction": 0.5, "epsilon": [{"filter": "mlp", "value": 1.0e-3}, {"value": 1.0e-4}]}
 TIES_RECIPE = {"density": 0.5, "normalize": True, "int8_mask": True}
 EXPECTED_ACE = [
-    "`k_fraction` (global parameters) is not a parameter of `ace` and has no effect; did you mean `k_frac`?",
-    "`epsilon` (global parameters, filter `mlp`) is not a parameter of `ace` and has no effect; did you mean `eps`?",
-    "`density` (global parameters) is not a parameter of `ace` and has no effect (it is a parameter of task_arithmetic, ties",
+    "`k_fraction` (global parameters) is not a parameter of `ace` and has no effect; "
+    "did you mean `k_frac`?",
+    "`epsilon` (global parameters, filter `mlp`) is not a parameter of `ace` and has no effect; "
+    "did you mean `eps`?",
+    "`density` (global parameters) is not a parameter of `ace` and has no effect (it is a "
+    "parameter of task_arithmetic, ties",
     "`normalize` (global parameters) is not a parameter of `ace`",
     "`int8_mask` (global parameters) is not a parameter of `ace`",
     "is not a parameter of `ace` and has no effect; did you mean `weight`?",  # wieght
@@ -156,14 +159,17 @@ def check(path):
       "models": [{"model": "e1", "parameters": {"weight": 0.5, "density": 0.7}}, {"model": "e2"}]}, []),
     ({"merge_method": "ties", "parameters": {"densty": 0.5},
       "models": [{"model": "e1"}, {"model": "e2"}]},
-     ["`densty` (global parameters) is not a parameter of `ties` and has no effect; did you mean `density`?"]),
+     ["`densty` (global parameters) is not a parameter of `ties` and has no effect; "
+      "did you mean `density`?"]),
     ({"merge_method": "slerp", "parameters": {"t": 0.5, "weight": 1.0},
       "models": [{"model": "e1"}, {"model": "e2"}]},
      ["`weight` (global parameters) is not a parameter of `slerp`"]),
     ({"merge_method": "ace", "paramters": {"k_frac": 0.5},
       "models": [{"model": "e1", "paramaters": {"weight": 2}}, {"model": "e2"}]},
-     ["`paramters` (top level) is not a configuration key and is ignored; did you mean `parameters`?",
-      "`paramaters` (models[0]) is not a configuration key and is ignored; did you mean `parameters`?"]),
+     ["`paramters` (top level) is not a configuration key and is ignored; "
+      "did you mean `parameters`?",
+      "`paramaters` (models[0]) is not a configuration key and is ignored; "
+      "did you mean `parameters`?"]),
     ({"merge_method": "acee", "models": [{"model": "e1"}]},
      ["merge_method `acee` is not known to mergekit; did you mean `ace`?"]),
 ])
@@ -172,7 +178,7 @@ def test_check_command(tmp_path, config, expected):
     assert result.exit_code == (1 if expected else 0), result.output
     for line in expected:
         assert line in result.stdout, result.stdout
-    assert len([l for l in result.stdout.splitlines() if "config.yml: " in l]) == max(len(expected), 1)
+    assert len([line for line in result.stdout.splitlines() if "config.yml: " in line]) == max(len(expected), 1)
 
 
 def test_check_command_reads_mergekit_multi_recipes(tmp_path):
@@ -226,7 +232,7 @@ def test_readme_shows_the_warning_as_printed():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (shown,) = [l for l in readme.splitlines() if l.startswith("WARNING:mergekit_ace:")]
+    (shown,) = [line for line in readme.splitlines() if line.startswith("WARNING:mergekit_ace:")]
     config = MergeConfiguration.model_validate({
         "merge_method": "ace", "base_model": "base", "parameters": {"k_fraction": 0.5},
         "models": [{"model": "expert"}]})

@@ -151,10 +151,10 @@ LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336
 @pytest.mark.parametrize("name", list(LLAMA3_8B))
 def test_no_llama3_8b_tensor_needs_more_than_4_gib(name):
     shape = LLAMA3_8B[name]
-    for refine in (True, False):
-        costs = [estimate_ace_cost(shape, t, refine=refine) for t in (2, 3, 8, 16)]
+    for refined in (True, False):
+        costs = [estimate_ace_cost(shape, t, refine=refined) for t in (2, 3, 8, 16)]
         assert len({c["bytes"] for c in costs}) == 1  # flat in T
-        assert costs[0]["bytes"] <= 4 * 2**30, (name, refine, costs[0]["bytes"] / 2**30)
+        assert costs[0]["bytes"] <= 4 * 2**30, (name, refined, costs[0]["bytes"] / 2**30)
     plan = estimate_ace_cost(shape, 3)["plan"]
     # Only the embeddings are too large to keep F beside N: they stream it.
     assert plan.keep_f == (name != "embed_tokens")
@@ -289,8 +289,8 @@ def test_split_products_in_column_blocks_equal_one_product(monkeypatch):
 @pytest.mark.parametrize("width", [1, 7, 12, 23])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_symmetric_products_in_blocks_equal_full_products(width, dtype, monkeypatch):
-    """Blocks of at least 5 columns (the last narrower), the upper ones mirrored: every entry is a dot
-    product of two columns, as in one full product, so the result is as accurate."""
+    """Blocks of at least 5 columns (the last narrower), the upper ones mirrored: every entry is
+    a dot product of two columns, as in one full product, so the result is as accurate."""
     import mergekit_ace.kernels.linalg as linalg
 
     monkeypatch.setattr(linalg, "SYMMETRIC_BLOCK_MIN", 5)

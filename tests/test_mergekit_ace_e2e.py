@@ -259,4 +259,5 @@ def test_mergekit_yaml_warns_when_float32_cannot_hold_a_fixed_eps(tiny_family, t
         r"\(\[\d+, \d+\], 2 experts, eps 1e-08\): its system's condition number is about "
         r"[0-9.e+]+(,| and the spectral refinement[^.]*), so float32 round-off can change the "
         r"merged update by (up to \d+% of its size|more than its own size)", result.stderr)
+    assert warning is not None, result.stderr[-3000:]
     assert "`eps: auto`" in result.stderr and "`dtype: float64`" in result.stderr

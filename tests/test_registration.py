@@ -31,8 +31,10 @@ def test_interpreter_start_imports_nothing_heavy():
     out = run_python(
         """
         import sys
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "mergekit", "mergekit_ace", "transformers"))
-        hooks = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "_mergekit_ace_autoload"]
+        roots = ("torch", "mergekit", "mergekit_ace", "transformers")
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in roots)
+        hooks = [type(f).__name__ for f in sys.meta_path
+                 if type(f).__module__ == "_mergekit_ace_autoload"]
         print(heavy, hooks)
         """
     ).stdout
@@ -68,7 +70,8 @@ def test_mergekit_own_ace_is_kept_without_crashing():
         # a mergekit that ships its own `ace`: its registry already holds the name
         assert compat.unregister_method("ace") is not None
         methods._OURS.clear()
-        theirs = type(linear_merge)(replace(linear_merge.spec, name="ace"), linear_merge.implementation)
+        spec = replace(linear_merge.spec, name="ace")
+        theirs = type(linear_merge)(spec, linear_merge.implementation)
         registry.register(theirs)
         import mergekit_ace
         print("ace" in mergekit_ace.register_all(), registry.get("ace") is theirs)

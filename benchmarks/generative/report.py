@@ -89,7 +89,7 @@ def method_order(ms: List[Dict]) -> List[str]:
         full.setdefault(m["label"], [])
         if m["full"]:
             full[m["label"]].append(m["summary"]["avg"])
-    return sorted(full, key=lambda l: -_mean(full[l]) if full[l] else math.inf)
+    return sorted(full, key=lambda method_label: -_mean(full[method_label]) if full[method_label] else math.inf)
 
 
 def _p(x: float) -> str:
@@ -191,15 +191,15 @@ def sweep_points(results: Dict) -> Dict[str, Dict[int, List[Dict]]]:
 
 def sweep_table(results: Dict) -> str:
     pts = sweep_points(results)
-    swept = [l for l in method_order(merges(results)) if any(not m["full"] for ms in pts[l].values()
+    swept = [method_label for method_label in method_order(merges(results)) if any(not m["full"] for ms in pts[method_label].values()
                                                       for m in ms)]
-    sizes = sorted({t for l in swept for t in pts[l]})
+    sizes = sorted({t for method_label in swept for t in pts[method_label]})
     out = ["| Method | " + " | ".join(f"T={t}" for t in sizes) + " |",
            "|---|" + "---|" * len(sizes)]
-    for l in swept:
+    for method_label in swept:
         cells = []
         for t in sizes:
-            ms = pts[l].get(t, [])
+            ms = pts[method_label].get(t, [])
             if not ms:
                 cells.append("-")
                 continue
@@ -207,7 +207,7 @@ def sweep_table(results: Dict) -> str:
             w = [m["summary"]["worst_r"] for m in ms]
             cells.append(f"{_p(_mean(a))} [{_p(min(a))}, {_p(max(a))}] (worst {_p(_mean(w))}, "
                          f"n={len(ms)})")
-        out.append(f"| {l} | " + " | ".join(cells) + " |")
+        out.append(f"| {method_label} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("Average retention over the merged domains, %, mean over the merges of T "
                "experts [lowest, highest]; worst: mean over those merges of the worst merged "
@@ -263,15 +263,15 @@ def chart(results: Dict, path: Path) -> Path:
     pts = sweep_points(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
     cmap = plt.get_cmap("tab10")
-    labels = [l for l in method_order(merges(results)) if len(pts[l]) > 1]
-    for i, l in enumerate(labels):
-        sizes = sorted(pts[l])
+    labels = [method_label for method_label in method_order(merges(results)) if len(pts[method_label]) > 1]
+    for i, method_label in enumerate(labels):
+        sizes = sorted(pts[method_label])
         for ax, field in zip(axes, ("avg", "worst_r")):
-            ys = [_mean([m["summary"][field] for m in pts[l][t]]) for t in sizes]
+            ys = [_mean([m["summary"][field] for m in pts[method_label][t]]) for t in sizes]
             ax.plot(sizes, [100 * y for y in ys], "-" + MARKERS[i % len(MARKERS)],
-                    color=cmap(i % 10), label=l, lw=2 if l.startswith("ace") else 1.2)
+                    color=cmap(i % 10), label=method_label, lw=2 if method_label.startswith("ace") else 1.2)
             for t in sizes:
-                ax.scatter([t] * len(pts[l][t]), [100 * m["summary"][field] for m in pts[l][t]],
+                ax.scatter([t] * len(pts[method_label][t]), [100 * m["summary"][field] for m in pts[method_label][t]],
                            color=cmap(i % 10), s=8, alpha=0.35)
     floor = -40.0  # methods that overshoot fall far below zero; the table has their values
     for ax, title in zip(axes, ("average retention over the merged domains",
@@ -281,7 +281,7 @@ def chart(results: Dict, path: Path) -> Path:
         if lo < floor:
             ax.text(0.98, 0.02, f"axis cut at {floor:.0f} %; lower values in the table",
                     transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
-        ax.set_xticks(sorted({t for l in labels for t in pts[l]}))
+        ax.set_xticks(sorted({t for method_label in labels for t in pts[method_label]}))
         ax.axhline(100, color="black", lw=0.8, ls="--")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("T, experts merged")

@@ -7,7 +7,7 @@ scale-free ``eps`` must handle); ``quick`` is the demo's first look.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 

@@ -32,7 +32,10 @@ class TrainConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return f"s{self.steps}_b{self.batch_size}_lr{self.lr:g}_t{self.max_text_tokens}_seed{self.seed}"
+        return (
+            f"s{self.steps}_b{self.batch_size}_lr{self.lr:g}_t{self.max_text_tokens}"
+            f"_seed{self.seed}"
+        )
 
 
 def label_token_ids(tokenizer, task: Task) -> List[int]:

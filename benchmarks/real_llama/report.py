@@ -1,4 +1,5 @@
-"""Tables (markdown) and the chart for a results JSON written by :mod:`benchmarks.real_llama.run`."""
+"""Tables (markdown) and the chart for a results JSON written by
+:mod:`benchmarks.real_llama.run`."""
 
 from __future__ import annotations
 
@@ -123,19 +124,19 @@ def chart(results: Dict, path: Path) -> Path:
 
     tasks = tasks_of(results)
     rows = results["rows"]
-    labels = [l for l in merged_labels(results)
-              if summary(results, l) and summary(results, l)["norm_avg"] is not None]
-    eps_rows = [l for l in labels if rows[l].get("method") == "ace"
-                and rows[l]["group"] in ("eps", "ace")
-                and isinstance(rows[l].get("parameters", {}).get("eps"), float)]
-    bars = [l for l in labels if rows[l]["group"] != "eps"]
+    labels = [method_label for method_label in merged_labels(results)
+              if summary(results, method_label) and summary(results, method_label)["norm_avg"] is not None]
+    eps_rows = [method_label for method_label in labels if rows[method_label].get("method") == "ace"
+                and rows[method_label]["group"] in ("eps", "ace")
+                and isinstance(rows[method_label].get("parameters", {}).get("eps"), float)]
+    bars = [method_label for method_label in labels if rows[method_label]["group"] != "eps"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.42 * len(bars) + 2.8),
                                   gridspec_kw={"width_ratios": [1.6, 1]})
     y = list(range(len(bars)))[::-1]
     task_markers = ["o", "s", "^", "D", "v", "P"]
-    for yi, l in zip(y, bars):
-        s = summary(results, l)
-        g = rows[l]["group"]
+    for yi, method_label in zip(y, bars):
+        s = summary(results, method_label)
+        g = rows[method_label]["group"]
         ax.barh(yi, 100 * s["norm_avg"], color=GROUP_COLOURS.get(g, "#777"), alpha=0.85,
                 height=0.7)
         ax.text(1.5, yi, f"{100 * s['norm_avg']:.1f}", va="center", ha="left", fontsize=9,
@@ -144,21 +145,21 @@ def chart(results: Dict, path: Path) -> Path:
             ax.plot(100 * s["norm"][t], yi, task_markers[k % 6], color="black", ms=4,
                     alpha=0.6, label=t if yi == y[0] else None)
     ax.set_yticks(y)
-    ax.set_yticklabels(["base (zero-shot)" if l == "base" else l for l in bars])
+    ax.set_yticklabels(["base (zero-shot)" if method_label == "base" else method_label for method_label in bars])
     ax.axvline(100, color="black", lw=1, ls="--")
     ax.set_xlabel("normalized accuracy, % of each expert on its own task (bar: average; "
                   "markers: tasks)")
-    ax.set_xlim(0, max(115, 5 + max(100 * max(summary(results, l)["norm"].values())
-                                    for l in bars)))
+    ax.set_xlim(0, max(115, 5 + max(100 * max(summary(results, method_label)["norm"].values())
+                                    for method_label in bars)))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=len(tasks), fontsize=8,
               title="task (markers)", title_fontsize=8, frameon=False)
     ax.set_title("Which merge keeps the experts' skills?")
     ax.grid(axis="x", alpha=0.3)
 
     pts: List[Tuple[float, float, float]] = []
-    for l in eps_rows:
-        e = rows[l]["parameters"]["eps"]
-        s = summary(results, l)
+    for method_label in eps_rows:
+        e = rows[method_label]["parameters"]["eps"]
+        s = summary(results, method_label)
         pts.append((e, 100 * s["norm_avg"], 100 * s["se"] / max(1e-9, s["avg"]) * s["norm_avg"]))
     pts.sort()
     if pts:
@@ -168,16 +169,16 @@ def chart(results: Dict, path: Path) -> Path:
         ax2.set_xscale("log")
     refs = [("task_arithmetic (lambda=1)", ":"), (f"task_arithmetic (lambda=1/{len(tasks)})",
             "--"), ("ties", "-."), ("base", "-")]
-    for l, ls in refs:
-        s = summary(results, l)
+    for method_label, ls in refs:
+        s = summary(results, method_label)
         if s and s["norm_avg"] is not None:
-            ax2.axhline(100 * s["norm_avg"], ls=ls, color="#4c72b0" if l != "base" else "#9e9e9e",
-                        lw=1.2, label="base (zero-shot)" if l == "base" else l)
-    for l, colour in (("ace eps=auto", GROUP_COLOURS["eps"]), ("ace", GROUP_COLOURS["ace"])):
-        s = summary(results, l)
+            ax2.axhline(100 * s["norm_avg"], ls=ls, color="#4c72b0" if method_label != "base" else "#9e9e9e",
+                        lw=1.2, label="base (zero-shot)" if method_label == "base" else method_label)
+    for method_label, colour in (("ace eps=auto", GROUP_COLOURS["eps"]), ("ace", GROUP_COLOURS["ace"])):
+        s = summary(results, method_label)
         if s and s["norm_avg"] is not None:
             ax2.axhline(100 * s["norm_avg"], color=colour, lw=1.5,
-                        label="ace (defaults: eps auto, log_spread)" if l == "ace"
+                        label="ace (defaults: eps auto, log_spread)" if method_label == "ace"
                         else "ace eps=auto, paper's gate")
     ax2.axvline(1e-5, color="#c44e52", lw=0.8, alpha=0.4)
     ax2.set_xlabel("ace eps (the paper's 1e-5 marked)")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from benchmarks.real_llama.base import prepare_base
 from benchmarks.real_llama.config import CACHE, EXPERT_SETS, ExpertSet
-from benchmarks.real_llama.methods import MethodSpec, method_specs, select
+from benchmarks.real_llama.methods import method_specs, select
 from benchmarks.real_llama.model import load_model, load_tokenizer, score
 from benchmarks.real_llama.pipeline import (
     build_tasks,

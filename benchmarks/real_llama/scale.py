@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch

@@ -34,9 +34,9 @@ count as outside the span.
 
 Accuracy: with ``A = sum_t w_t G_t``, ``sum_t w_t G_t A^+ = A A^+`` is the projector ``Pi``
 onto the kept row space, so with ``mean`` the weighted mean task vector,
-``D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+`` exactly. The kernel computes it that way: only the tasks' disagreement goes through the
-ill-conditioned ``A^+`` (whose rounding error grows with the cube of the condition number),
-and one task gives ``D_1 Pi = D_1`` to rounding.
+``D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+`` exactly. The kernel computes it that way:
+only the tasks' disagreement goes through the ill-conditioned ``A^+`` (whose rounding error
+grows with the cube of the condition number), and one task gives ``D_1 Pi = D_1`` to rounding.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t ta
 
 ``common_space_fraction = 1`` (or more tasks than rank, ``p = 0``) is exactly Iso-C. Numerically
 zero singular triplets are left out as in Iso-C, those of step 3 measured against the task
-vector's Frobenius norm (the residual of a low-rank task vector is pure round-off); tensors that are not 2-D take the mean task
-vector. Decisions: ``docs/family.md``.
+vector's Frobenius norm (the residual of a low-rank task vector is pure round-off); tensors that
+are not 2-D take the mean task vector. Decisions: ``docs/family.md``.
 """
 
 from __future__ import annotations

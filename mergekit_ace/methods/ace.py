@@ -20,7 +20,7 @@ CITATION = """\
   year          = {2026},
   eprint        = {2603.02945},
   archivePrefix = {arXiv},
-}"""
+}"""  # noqa: E501 (one BibTeX field per line, as the model card shows it)
 
 
 def ace_method() -> KernelMergeMethod:

@@ -27,7 +27,7 @@ from mergekit_ace.kernels.ace.fallback import goes_to_cpu, merge_on_cpu
 from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS, DEFAULT_GATE_STATISTIC
 from mergekit_ace.kernels.ace.refine import Refinement, solve_and_refine
 from mergekit_ace.kernels.ace.reports import Spectra, report_conditioning
-from mergekit_ace.kernels.ace.scan import Scan, scan_experts
+from mergekit_ace.kernels.ace.scan import scan_experts
 from mergekit_ace.kernels.ace.settings import AceSettings
 from mergekit_ace.kernels.ace.workspace import plan_workspace
 from mergekit_ace.kernels.finishing import finish, finish_rows
