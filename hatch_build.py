@@ -14,5 +14,9 @@ HOOK_FILES = {
 
 class AutoloadHook(BuildHookInterface):
     def initialize(self, version, build_data):
-        target = "force_include_editable" if self.target_name == "wheel" and version == "editable" else "force_include"
+        target = (
+            "force_include_editable"
+            if self.target_name == "wheel" and version == "editable"
+            else "force_include"
+        )
         build_data.setdefault(target, {}).update(HOOK_FILES)

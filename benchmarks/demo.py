@@ -15,17 +15,25 @@ from __future__ import annotations
 import argparse
 import time
 
+
 def demo_methods(n_tasks: int):
     return [f"task_arithmetic (lambda=1/{n_tasks})", "task_arithmetic (lambda=1)", "ace"]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="ACE-Merging demo on real Llama experts")
-    ap.add_argument("--quick", action="store_true",
-                    help="2 tasks, 20 training steps each, 80 held-out examples per task")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 tasks, 20 training steps each, 80 held-out examples per task",
+    )
     ap.add_argument("--set", default=None, help="expert set (default: main, or quick)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: all cores; 1 is faster on a busy machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all cores; 1 is faster on a busy machine)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -45,16 +53,28 @@ def main(argv=None) -> None:
     tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
     print(f"[2/3] experts: {es.description}")
     methods = demo_methods(len(tasks))
-    print("[3/3] merges through mergekit-yaml: " + ", ".join(methods)
-          + f"; scoring {es.heldout} held-out examples per task")
-    results = run(es, only=methods,
-                  base_dir=base, tasks=tasks, report=False,
-                  results_path=CACHE / "demo" / f"{es.name}.json")
+    print(
+        "[3/3] merges through mergekit-yaml: "
+        + ", ".join(methods)
+        + f"; scoring {es.heldout} held-out examples per task"
+    )
+    results = run(
+        es,
+        only=methods,
+        base_dir=base,
+        tasks=tasks,
+        report=False,
+        results_path=CACHE / "demo" / f"{es.name}.json",
+    )
     rows = results["rows"]
     cols = ["base", "experts"] + methods
-    names = {"base": "base", "experts": "expert",
-             f"task_arithmetic (lambda=1/{len(tasks)})": f"TA 1/{len(tasks)}",
-             "task_arithmetic (lambda=1)": "TA 1", "ace": "ACE"}
+    names = {
+        "base": "base",
+        "experts": "expert",
+        f"task_arithmetic (lambda=1/{len(tasks)})": f"TA 1/{len(tasks)}",
+        "task_arithmetic (lambda=1)": "TA 1",
+        "ace": "ACE",
+    }
     width = max(20, max(len(t.name) for t in tasks) + 2)
     print()
     print(f"  {'held-out accuracy, %':<{width}}" + "".join(f"{names[c]:>10}" for c in cols))
@@ -79,10 +99,14 @@ def main(argv=None) -> None:
     norm[0] = f"{100 * summary(results, 'base')['norm_avg']:.1f}"
     print(f"  {'normalized':<{width}}" + "".join(f"{x:>10}" for x in norm))
     secs = {c: rows[c].get("merge_seconds") for c in cols[2:]}
-    print("\nmergekit-yaml wall time: " + ", ".join(f"{names[c]} {s:.0f} s"
-                                                   for c, s in secs.items() if s))
-    print(f"standard error per task at n={es.heldout}: up to "
-          f"{100 * (0.25 / es.heldout) ** 0.5:.1f} points; total {time.perf_counter() - t0:.0f} s")
+    print(
+        "\nmergekit-yaml wall time: "
+        + ", ".join(f"{names[c]} {s:.0f} s" for c, s in secs.items() if s)
+    )
+    print(
+        f"standard error per task at n={es.heldout}: up to "
+        f"{100 * (0.25 / es.heldout) ** 0.5:.1f} points; total {time.perf_counter() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

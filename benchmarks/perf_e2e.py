@@ -46,28 +46,46 @@ SCALES = (0.002, 0.02, 0.006, 0.05, 0.004, 0.01, 0.03, 0.008)
 def llama_shapes(p, layers):
     h, i, v = p["hidden"], p["intermediate"], p["vocab"]
     kv = h // p["heads"] * p["kv_heads"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
-              "lm_head.weight": (v, h)}
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
     for layer in range(layers):
         pre = f"model.layers.{layer}."
-        shapes.update({
-            pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (kv, h),
-            pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, h),
-            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
-            pre + "mlp.down_proj.weight": (h, i),
-            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                pre + "self_attn.q_proj.weight": (h, h),
+                pre + "self_attn.k_proj.weight": (kv, h),
+                pre + "self_attn.v_proj.weight": (kv, h),
+                pre + "self_attn.o_proj.weight": (h, h),
+                pre + "mlp.gate_proj.weight": (i, h),
+                pre + "mlp.up_proj.weight": (i, h),
+                pre + "mlp.down_proj.weight": (h, i),
+                pre + "input_layernorm.weight": (h,),
+                pre + "post_attention_layernorm.weight": (h,),
+            }
+        )
     return shapes
 
 
 def write_config(path, p, layers):
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": p["hidden"], "intermediate_size": p["intermediate"],
-        "num_attention_heads": p["heads"], "num_key_value_heads": p["kv_heads"],
-        "num_hidden_layers": layers, "vocab_size": p["vocab"], "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": p["hidden"],
+        "intermediate_size": p["intermediate"],
+        "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv_heads"],
+        "num_hidden_layers": layers,
+        "vocab_size": p["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
         "eos_token_id": 2,
     }
     (path / "config.json").write_text(json.dumps(config, indent=1))
@@ -149,7 +167,10 @@ class GpuPoller:
             try:
                 out = subprocess.run(
                     ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                    capture_output=True, text=True, timeout=5).stdout
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.peak = max([self.peak] + [int(x) for x in out.split() if x.isdigit()])
             except Exception:
                 pass
@@ -168,26 +189,39 @@ def run_merge(config, out_dir, flags, gpu=False, env=None):
     if out_dir.exists():
         shutil.rmtree(out_dir)
     exe = shutil.which("mergekit-yaml") or "mergekit-yaml"
-    cmd = ["/usr/bin/time", "-v", exe, str(config), str(out_dir), "--no-copy-tokenizer",
-           "--quiet"] + shlex.split(flags)
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        exe,
+        str(config),
+        str(out_dir),
+        "--no-copy-tokenizer",
+        "--quiet",
+    ] + shlex.split(flags)
     start = time.perf_counter()
     poller = GpuPoller() if gpu else None
     if poller:
         poller.__enter__()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})})
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
     finally:
         if poller:
             poller.__exit__()
     seconds = time.perf_counter() - start
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    result = {"seconds": seconds, "rc": done.returncode,
-              "peak_rss_bytes": int(match.group(1)) * 1024 if match else None}
+    result = {
+        "seconds": seconds,
+        "rc": done.returncode,
+        "peak_rss_bytes": int(match.group(1)) * 1024 if match else None,
+    }
     if poller:
         result["peak_gpu_mib"] = poller.peak
     if done.returncode != 0:
-        tail = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("\t")]
+        tail = [
+            line for line in done.stderr.splitlines() if line.strip() and not line.startswith("\t")
+        ]
         result["error"] = "\n".join(tail[-5:])
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -195,15 +229,24 @@ def run_merge(config, out_dir, flags, gpu=False, env=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ace"],
-                   help="merge methods, each optionally with environment variables for its "
-                        "runs: ace:OMP_NUM_THREADS=8,MKL_NUM_THREADS=8")
-    p.add_argument("--flags", default="",
-                   help="mergekit-yaml option sets to run, separated by ';' (empty: defaults)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["task_arithmetic", "ace"],
+        help="merge methods, each optionally with environment variables for its "
+        "runs: ace:OMP_NUM_THREADS=8,MKL_NUM_THREADS=8",
+    )
+    p.add_argument(
+        "--flags",
+        default="",
+        help="mergekit-yaml option sets to run, separated by ';' (empty: defaults)",
+    )
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
@@ -220,8 +263,9 @@ def main(argv=None):
         root = CACHE / "real"
         root.mkdir(parents=True, exist_ok=True)
     else:
-        base_dir, expert_dirs = build(args.preset, args.layers, args.experts,
-                                      device=args.gen_device)
+        base_dir, expert_dirs = build(
+            args.preset, args.layers, args.experts, device=args.gen_device
+        )
         root = base_dir.parent
     out = open(args.out, "a") if args.out else None
     try:
@@ -234,9 +278,16 @@ def main(argv=None):
                     config = root / f"{method}-T{args.experts}.yml"
                     write_yaml(config, method, base_dir, expert_dirs[: args.experts], args.dtype)
                     r = run_merge(config, root / "merged", flags, gpu=gpu, env=env)
-                    r.update(method=method, env=env, flags=flags, preset="real" if args.base else args.preset, layers=args.layers,
-                             experts=args.experts, rep=rep,
-                             checkpoint_bytes=(base_dir / "model.safetensors").stat().st_size)
+                    r.update(
+                        method=method,
+                        env=env,
+                        flags=flags,
+                        preset="real" if args.base else args.preset,
+                        layers=args.layers,
+                        experts=args.experts,
+                        rep=rep,
+                        checkpoint_bytes=(base_dir / "model.safetensors").stat().st_size,
+                    )
                     times.setdefault(spec, []).append(r["seconds"])
                     line = json.dumps(r)
                     print(line, flush=True)
@@ -245,8 +296,9 @@ def main(argv=None):
                         out.flush()
             if "ace" in times and "task_arithmetic" in times:
                 ratio = min(times["ace"]) / min(times["task_arithmetic"])
-                line = json.dumps({"flags": flags, "experts": args.experts,
-                                   "ace_over_task_arithmetic": ratio})
+                line = json.dumps(
+                    {"flags": flags, "experts": args.experts, "ace_over_task_arithmetic": ratio}
+                )
                 print(line, flush=True)
                 if out:
                     out.write(line + "\n")

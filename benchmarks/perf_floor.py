@@ -45,8 +45,9 @@ def gemm_rate(size: int = 1024, reps: int = 5) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("base")
     p.add_argument("experts", nargs="+")
     p.add_argument("--threads", type=int)
@@ -66,8 +67,11 @@ def main(argv=None):
         start = time.perf_counter()
         _, diag = ace_merge(w0, [e[key] for e in experts])
         seconds = time.perf_counter() - start
-        flops = estimate_ace_cost(tuple(w0.shape), len(diag.participants),
-                                  refine=bool(diag.k))["flops"] if diag.participants else 0.0
+        flops = (
+            estimate_ace_cost(tuple(w0.shape), len(diag.participants), refine=bool(diag.k))["flops"]
+            if diag.participants
+            else 0.0
+        )
         row = per_branch.setdefault(diag.branch, {"tensors": 0, "seconds": 0.0, "flops": 0.0})
         row["tensors"] += 1
         row["seconds"] += seconds
@@ -76,10 +80,16 @@ def main(argv=None):
     total_s = sum(r["seconds"] for r in per_branch.values())
     total_f = sum(r["flops"] for r in per_branch.values())
     result = {
-        "experts": len(experts), "threads": torch.get_num_threads(), "dtype": args.dtype,
-        "branches": per_branch, "kernel_seconds": total_s, "flops": total_f,
-        "kernel_gflops": total_f / total_s / 1e9, "gemm_gflops": rate / 1e9,
-        "fraction_of_gemm_rate": total_f / total_s / rate, "floor_seconds": total_f / rate,
+        "experts": len(experts),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "branches": per_branch,
+        "kernel_seconds": total_s,
+        "flops": total_f,
+        "kernel_gflops": total_f / total_s / 1e9,
+        "gemm_gflops": rate / 1e9,
+        "fraction_of_gemm_rate": total_f / total_s / rate,
+        "floor_seconds": total_f / rate,
     }
     line = json.dumps(result)
     print(line)

@@ -81,24 +81,41 @@ def kernel(args):
                             peak = max(peak, torch.cuda.max_memory_allocated() - before)
                         del out
                     est = _estimate(shape, T, diag)
-                    _emit(args.out, {
-                        "kind": "kernel", "label": args.label, "tensor": name, "est_bytes": est,
-                        "shape": list(shape), "T": T, "gate": gate, "precision": precision,
-                        "matmul": getattr(diag, "matmul", None), "branch": diag.branch,
-                        "spectral": diag.spectral, "seconds": best, "peak_bytes": peak,
-                        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                        # whether the condition number was measured (spread > 41 at eps: auto)
-                        "condition": getattr(diag, "condition", None),
-                        "boost_ratio": getattr(diag, "boost_ratio", getattr(diag, "spread", None)),
-                    })
+                    _emit(
+                        args.out,
+                        {
+                            "kind": "kernel",
+                            "label": args.label,
+                            "tensor": name,
+                            "est_bytes": est,
+                            "shape": list(shape),
+                            "T": T,
+                            "gate": gate,
+                            "precision": precision,
+                            "matmul": getattr(diag, "matmul", None),
+                            "branch": diag.branch,
+                            "spectral": diag.spectral,
+                            "seconds": best,
+                            "peak_bytes": peak,
+                            "device": torch.cuda.get_device_name()
+                            if args.device == "cuda"
+                            else "cpu",
+                            # whether the condition number was measured (spread > 41 at eps: auto)
+                            "condition": getattr(diag, "condition", None),
+                            "boost_ratio": getattr(
+                                diag, "boost_ratio", getattr(diag, "spread", None)
+                            ),
+                        },
+                    )
             del base, experts
 
 
 def _estimate(shape, T, diag):
     """This checkout's estimate for the plan the call took (None for an older kernel)."""
     try:
-        return estimate_ace_cost(shape, T, 4, refine=bool(diag.k),
-                                 matmul=getattr(diag, "matmul", None) or "float32")["bytes"]
+        return estimate_ace_cost(
+            shape, T, 4, refine=bool(diag.k), matmul=getattr(diag, "matmul", None) or "float32"
+        )["bytes"]
     except TypeError:
         return None
 
@@ -120,12 +137,21 @@ def accuracy(args):
             ref_delta = ref - base.double()
             for precision in args.precisions:
                 out, diag = _call(base, experts, gate, precision, out_dtype=torch.float32)
-                _emit(args.out, {
-                    "kind": "accuracy", "label": args.label, "tensor": name, "shape": list(shape),
-                    "gate": gate, "precision": precision, "matmul": getattr(diag, "matmul", None),
-                    "branch": diag.branch, "reference_branch": branch,
-                    "rel_err_vs_float64": rel_err(out - base.float(), ref_delta),
-                })
+                _emit(
+                    args.out,
+                    {
+                        "kind": "accuracy",
+                        "label": args.label,
+                        "tensor": name,
+                        "shape": list(shape),
+                        "gate": gate,
+                        "precision": precision,
+                        "matmul": getattr(diag, "matmul", None),
+                        "branch": diag.branch,
+                        "reference_branch": branch,
+                        "rel_err_vs_float64": rel_err(out - base.float(), ref_delta),
+                    },
+                )
             del ref, ref_delta
 
 
@@ -150,8 +176,16 @@ def eigh(args):
                     torch.linalg.eigh(G)
                     _sync(args.device)
                     best = min(best, time.perf_counter() - start)
-                _emit(args.out, {"kind": "eigh", "backend": backend, "n": n, "dtype": str(dtype),
-                                 "seconds": best})
+                _emit(
+                    args.out,
+                    {
+                        "kind": "eigh",
+                        "backend": backend,
+                        "n": n,
+                        "dtype": str(dtype),
+                        "seconds": best,
+                    },
+                )
     if backends[0] != "default":
         torch.backends.cuda.preferred_linalg_library("default")
         _eigh_beside_products(args)
@@ -193,8 +227,10 @@ def _eigh_beside_products(args):
         return time.perf_counter() - start
 
     timed([eig, gemms])  # warm-up
-    result = {k: min(timed(f) for _ in range(3)) for k, f in
-              (("eigh", [eig]), ("products", [gemms]), ("both", [eig, gemms]))}
+    result = {
+        k: min(timed(f) for _ in range(3))
+        for k, f in (("eigh", [eig]), ("products", [gemms]), ("both", [eig, gemms]))
+    }
     _emit(args.out, {"kind": "eigh_beside_products", **result})
 
 
@@ -211,22 +247,34 @@ def capped(args):
     except Exception as error:  # reported, not raised: the measurement is the outcome
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         rc = 1
-    _emit(args.out, {"kind": "capped", "cap_gib": args.cap_gib, "rc": rc,
-                     "seconds": time.perf_counter() - start,
-                     "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                     "peak_reserved_bytes": torch.cuda.max_memory_reserved()})
+    _emit(
+        args.out,
+        {
+            "kind": "capped",
+            "cap_gib": args.cap_gib,
+            "rc": rc,
+            "seconds": time.perf_counter() - start,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        },
+    )
     sys.exit(rc)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("what", choices=["kernel", "accuracy", "eigh", "capped"])
     p.add_argument("--shapes", nargs="+", default=DISTINCT, choices=list(LLAMA3_8B))
     p.add_argument("--T", nargs="+", type=int, default=[3])
     p.add_argument("--gates", nargs="+", default=["auto", "off"])
-    p.add_argument("--precisions", nargs="+", default=["auto", "float32"],
-                   help="matmul_precision values; 'default': the kernel's own default")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["auto", "float32"],
+        help="matmul_precision values; 'default': the kernel's own default",
+    )
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--label", default="this checkout")
     p.add_argument("--device", default="cuda")

@@ -153,15 +153,27 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto
     start = time.perf_counter()
     if impl == "ace":
         # the paper's settings, which naive_ace implements
-        out, diag = ace_merge(base, experts, out_dtype=torch.float32, gate=gate,
-                              eps=1e-5, gate_statistic="gamma")
-        info = {"branch": diag.branch, "solver": diag.solver, "spectral": diag.spectral, "k": diag.k}
+        out, diag = ace_merge(
+            base, experts, out_dtype=torch.float32, gate=gate, eps=1e-5, gate_statistic="gamma"
+        )
+        info = {
+            "branch": diag.branch,
+            "solver": diag.solver,
+            "spectral": diag.spectral,
+            "k": diag.k,
+        }
     elif impl == "naive":
         out = naive_ace(base, experts, gate=gate)
         info = {}
     else:  # the kernel in float64, which the tests pin to the independent re-derivation
-        out, _ = ace_merge(base.double(), [e.double() for e in experts], out_dtype=torch.float32,
-                           gate=gate, eps=1e-5, gate_statistic="gamma")
+        out, _ = ace_merge(
+            base.double(),
+            [e.double() for e in experts],
+            out_dtype=torch.float32,
+            gate=gate,
+            eps=1e-5,
+            gate_statistic="gamma",
+        )
         info = {}
     if device == "cuda":
         torch.cuda.synchronize()
@@ -175,12 +187,21 @@ def run_case(shape, n_experts, impl, device, save=None, threads=None, gate="auto
     refined = impl != "ace" or bool(info.get("k"))
     est = estimate_ace_cost(shape, n_experts, 4, out_bytes=4, refine=refined)
     return {
-        "shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
-        "seconds": seconds, "peak_bytes": int(peak), "est_bytes": est["bytes"],
-        "est_flops": est["flops"], "inputs_bytes": (n_experts + 1) * shape[0] * shape[1] * 2,
-        "threads": torch.get_num_threads(), "gate": gate, "stream": stream,
+        "shape": list(shape),
+        "experts": n_experts,
+        "impl": impl,
+        "device": device,
+        "seconds": seconds,
+        "peak_bytes": int(peak),
+        "est_bytes": est["bytes"],
+        "est_flops": est["flops"],
+        "inputs_bytes": (n_experts + 1) * shape[0] * shape[1] * 2,
+        "threads": torch.get_num_threads(),
+        "gate": gate,
+        "stream": stream,
         "plan": {"keep_f": est["plan"].keep_f, "block_rows": est["plan"].block_rows},
-        "est_phase": est["phase"], **info,
+        "est_phase": est["phase"],
+        **info,
     }
 
 
@@ -193,17 +214,37 @@ def rel_diff(a_path, b_path, device="cpu"):
 
 
 def spawn(shape, n_experts, impl, device, save, timeout, gate="auto"):
-    cmd = [sys.executable, "-m", "benchmarks.perf_kernel", "--one", f"{shape[0]}x{shape[1]}",
-           str(n_experts), impl, device, save or "", gate]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.perf_kernel",
+        "--one",
+        f"{shape[0]}x{shape[1]}",
+        str(n_experts),
+        impl,
+        device,
+        save or "",
+        gate,
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
-                "error": f"timeout after {timeout} s"}
+        return {
+            "shape": list(shape),
+            "experts": n_experts,
+            "impl": impl,
+            "device": device,
+            "error": f"timeout after {timeout} s",
+        }
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"shape": list(shape), "experts": n_experts, "impl": impl, "device": device,
-                "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        return {
+            "shape": list(shape),
+            "experts": n_experts,
+            "impl": impl,
+            "device": device,
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+        }
     return json.loads(lines[-1])
 
 
@@ -216,7 +257,9 @@ def spectral_benchmark(shapes=((2048, 2048), (4096, 1024), (1024, 4096)), reps=2
     results = []
     for m, n in shapes:
         g = torch.Generator().manual_seed(seed)
-        low = torch.randn(m, 16, generator=g, dtype=torch.float64) @ torch.randn(16, n, generator=g, dtype=torch.float64)
+        low = torch.randn(m, 16, generator=g, dtype=torch.float64) @ torch.randn(
+            16, n, generator=g, dtype=torch.float64
+        )
         F64 = low / 4.0 + 0.3 * torch.randn(m, n, generator=g, dtype=torch.float64)
         k = math.floor(0.3 * min(m, n))
         U, s, Vh = torch.linalg.svd(F64, full_matrices=False)
@@ -229,16 +272,26 @@ def spectral_benchmark(shapes=((2048, 2048), (4096, 1024), (1024, 4096)), reps=2
             start = time.perf_counter()
             U, s, Vh = torch.linalg.svd(F, full_matrices=False)
             times["svd"].append(time.perf_counter() - start)
-            errors["svd"] = float((float(s[:k].mean()) * (U[:, :k] @ Vh[:k]).double() - truth).norm() / truth.norm())
+            errors["svd"] = float(
+                (float(s[:k].mean()) * (U[:, :k] @ Vh[:k]).double() - truth).norm() / truth.norm()
+            )
             del U, s, Vh
             start = time.perf_counter()
             M, sigma = top_k_isotropic_update(F, k)
             times["gram-eigh"].append(time.perf_counter() - start)
             errors["gram-eigh"] = float((sigma * M.double() - truth).norm() / truth.norm())
             del M
-        results.append({"spectral": [m, n], "k": k, "svd_s": min(times["svd"]),
-                        "gram_eigh_s": min(times["gram-eigh"]), "svd_err": errors["svd"],
-                        "gram_eigh_err": errors["gram-eigh"], "threads": torch.get_num_threads()})
+        results.append(
+            {
+                "spectral": [m, n],
+                "k": k,
+                "svd_s": min(times["svd"]),
+                "gram_eigh_s": min(times["gram-eigh"]),
+                "svd_err": errors["svd"],
+                "gram_eigh_err": errors["gram-eigh"],
+                "threads": torch.get_num_threads(),
+            }
+        )
     return results
 
 
@@ -254,19 +307,23 @@ def suite(name):
             out.append((key + "/4", shape, 8, ["naive", "ace"]))
         return out
     if name == "full":  # what fits on a 2-core CPU, most informative first
-        return [("k_proj", (1024, 4096), 3, ["naive", "ace"]),
-                ("k_proj", (1024, 4096), 8, ["ace"]),
-                ("down_proj", (4096, 14336), 3, ["ace"]),
-                ("q_proj", (4096, 4096), 3, ["naive", "ace"]),
-                ("gate_proj", (14336, 4096), 3, ["ace"]),
-                ("q_proj", (4096, 4096), 8, ["ace"])]
+        return [
+            ("k_proj", (1024, 4096), 3, ["naive", "ace"]),
+            ("k_proj", (1024, 4096), 8, ["ace"]),
+            ("down_proj", (4096, 14336), 3, ["ace"]),
+            ("q_proj", (4096, 4096), 3, ["naive", "ace"]),
+            ("gate_proj", (14336, 4096), 3, ["ace"]),
+            ("q_proj", (4096, 4096), 8, ["ace"]),
+        ]
     if name == "full-cuda":
         return [(key, LLAMA3_8B[key], t, ["naive", "ace"]) for key in DISTINCT for t in (3, 8)]
     raise SystemExit(f"unknown suite {name!r}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--suite", choices=["scaled", "full", "full-cuda"])
     p.add_argument("--case", help="MxN")
     p.add_argument("--experts", type=int, default=3)
@@ -275,8 +332,12 @@ def main(argv=None):
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--spectral", action="store_true", help="time the spectral step alone")
-    p.add_argument("--gate", default="auto", choices=["auto", "on", "off"],
-                   help="ACE's branch gate for both formulations (on: heterogeneous everywhere)")
+    p.add_argument(
+        "--gate",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="ACE's branch gate for both formulations (on: heterogeneous everywhere)",
+    )
     p.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.spectral:
@@ -287,8 +348,19 @@ def main(argv=None):
         return
     if args.one:
         shape = tuple(int(x) for x in args.one[0].split("x"))
-        print(json.dumps(run_case(shape, int(args.one[1]), args.one[2], args.one[3],
-                                  args.one[4] or None, gate=args.one[5])), flush=True)
+        print(
+            json.dumps(
+                run_case(
+                    shape,
+                    int(args.one[1]),
+                    args.one[2],
+                    args.one[3],
+                    args.one[4] or None,
+                    gate=args.one[5],
+                )
+            ),
+            flush=True,
+        )
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA not available: skipping the GPU measurement.")
@@ -298,8 +370,12 @@ def main(argv=None):
     else:
         shape = tuple(int(x) for x in args.case.split("x"))
         cases = [(args.case, shape, args.experts, args.impl)]
-    tmp = Path(tempfile.mkdtemp(prefix="perf_kernel_", dir=ROOT / "benchmarks" / "cache"
-                                if (ROOT / "benchmarks" / "cache").is_dir() else None))
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix="perf_kernel_",
+            dir=ROOT / "benchmarks" / "cache" if (ROOT / "benchmarks" / "cache").is_dir() else None,
+        )
+    )
     out = open(args.out, "a") if args.out else None
     for name, shape, n_experts, impls in cases:
         results = {}
@@ -311,12 +387,14 @@ def main(argv=None):
         ok = {impl for impl, r in results.items() if "error" not in r}
         if {"naive", "ace"} <= ok:
             results["ace"]["speedup"] = results["naive"]["seconds"] / results["ace"]["seconds"]
-            results["ace"]["rel_diff_vs_naive"] = rel_diff(tmp / "ace.pt", tmp / "naive.pt",
-                                                          args.device)
+            results["ace"]["rel_diff_vs_naive"] = rel_diff(
+                tmp / "ace.pt", tmp / "naive.pt", args.device
+            )
         if "float64" in ok:
             for impl in ok - {"float64"}:
                 results[impl]["rel_diff_vs_float64"] = rel_diff(
-                    tmp / f"{impl}.pt", tmp / "float64.pt", args.device)
+                    tmp / f"{impl}.pt", tmp / "float64.pt", args.device
+                )
         for impl, r in results.items():
             line = json.dumps(r)
             print(line, flush=True)

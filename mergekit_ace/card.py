@@ -80,24 +80,40 @@ def card_section(config: Any) -> str:
     mergekit_version, our_version = package_versions()
     lines = [SECTION_TITLE, ""]
     if direct:
-        lines.append(f"This model was merged with {_method_link(config.merge_method)}, which "
-                     f"mergekit runs from the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) "
-                     "package. To merge it again from the configuration above (after installing "
-                     "PyTorch for your platform):")
-        lines += ["", "```sh", f"pip install mergekit=={mergekit_version} {PACKAGE}=={our_version}",
-                  "mergekit-yaml mergekit_config.yml ./merged", "```", ""]
+        lines.append(
+            f"This model was merged with {_method_link(config.merge_method)}, which "
+            f"mergekit runs from the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) "
+            "package. To merge it again from the configuration above (after installing "
+            "PyTorch for your platform):"
+        )
+        lines += [
+            "",
+            "```sh",
+            f"pip install mergekit=={mergekit_version} {PACKAGE}=={our_version}",
+            "mergekit-yaml mergekit_config.yml ./merged",
+            "```",
+            "",
+        ]
     for path, method, text in stages:
-        lines.append(f"The input `{path}` was itself merged with {_method_link(method)} from "
-                     f"the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) package "
-                     f"(`pip install mergekit=={mergekit_version} {PACKAGE}=={our_version}`), "
-                     "with this configuration:")
+        lines.append(
+            f"The input `{path}` was itself merged with {_method_link(method)} from "
+            f"the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) package "
+            f"(`pip install mergekit=={mergekit_version} {PACKAGE}=={our_version}`), "
+            "with this configuration:"
+        )
         lines += ["", "```yaml", text, "```", ""]
     methods: Dict[str, None] = dict.fromkeys(
-        ([config.merge_method] if direct else []) + [method for _, method, _ in stages])
+        ([config.merge_method] if direct else []) + [method for _, method, _ in stages]
+    )
     citations = list(dict.fromkeys(our_method(m).citation for m in methods))
-    lines += ["### Citation", "",
-              "If you use this model, please cite the paper of the merge method"
-              + ("s" if len(citations) > 1 else "") + ":", ""]
+    lines += [
+        "### Citation",
+        "",
+        "If you use this model, please cite the paper of the merge method"
+        + ("s" if len(citations) > 1 else "")
+        + ":",
+        "",
+    ]
     for citation in citations:
         lines += ["```bibtex", citation, "```", ""]
     return "\n".join(lines)

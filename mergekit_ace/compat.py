@@ -168,7 +168,9 @@ def _run_checks(config: Any, source: Optional[str] = None) -> None:
         except Exception as error:  # a failing check must not stop a merge mergekit accepts
             logging.getLogger("mergekit_ace").warning(
                 "mergekit-ace could not check this configuration (%r); run "
-                "`mergekit-ace check CONFIG` for details.", error)
+                "`mergekit-ace check CONFIG` for details.",
+                error,
+            )
 
 
 def _patch_planner(module: Any) -> None:
@@ -313,11 +315,11 @@ def tensor_file(model: Any, weight_info: Any) -> Optional[Tuple[str, str]]:
     return None
 
 
-def execute(tasks: List[Any], *, math_device: Any, storage_device: Any, quiet: bool,
-            desc: str) -> Iterator[Tuple[Any, Any]]:
+def execute(
+    tasks: List[Any], *, math_device: Any, storage_device: Any, quiet: bool, desc: str
+) -> Iterator[Tuple[Any, Any]]:
     """Run merge ``tasks`` with mergekit's executor; yields ``(task, merged tensor)``."""
     from mergekit.graph import Executor
 
     executor = Executor(targets=tasks, math_device=math_device, storage_device=storage_device)
     yield from executor.run(quiet=quiet, desc=desc)
-

@@ -45,8 +45,11 @@ def _filters(setting: Any) -> List[str]:
     from mergekit.config import ConditionalParameter
 
     settings = setting if isinstance(setting, list) else [setting]
-    return [s.filter for s in settings
-            if isinstance(s, ConditionalParameter) and s.filter not in (None, "*")]
+    return [
+        s.filter
+        for s in settings
+        if isinstance(s, ConditionalParameter) and s.filter not in (None, "*")
+    ]
 
 
 def _model_label(model: Any) -> str:
@@ -66,12 +69,21 @@ def _places(config: Any) -> Iterator[Place]:
             slice_base = out_slice.base_model or base
             yield f"{prefix}slices[{j}] parameters", out_slice.parameters, None, slice_base
             for source in out_slice.sources:
-                yield (f"{prefix}slices[{j}], model `{_model_label(source.model)}`",
-                       source.parameters, source.model, slice_base)
+                yield (
+                    f"{prefix}slices[{j}], model `{_model_label(source.model)}`",
+                    source.parameters,
+                    source.model,
+                    slice_base,
+                )
 
     def models(prefix: str, model_list, base) -> Iterator[Place]:
         for entry in model_list or ():
-            yield f"{prefix}model `{_model_label(entry.model)}`", entry.parameters, entry.model, base
+            yield (
+                f"{prefix}model `{_model_label(entry.model)}`",
+                entry.parameters,
+                entry.model,
+                base,
+            )
 
     base = config.base_model
     yield "global parameters", config.parameters, None, base
@@ -87,8 +99,11 @@ def _places(config: Any) -> Iterator[Place]:
 def _owners(name: str, exclude: str) -> List[str]:
     from mergekit.merge_methods import registry
 
-    return [m.spec.name for m in registry.registered_methods()
-            if m.spec.name != exclude and any(p.name == name for p in m.spec.parameters)]
+    return [
+        m.spec.name
+        for m in registry.registered_methods()
+        if m.spec.name != exclude and any(p.name == name for p in m.spec.parameters)
+    ]
 
 
 def check_parameters(config: Any, method: Any = None) -> List[Finding]:
@@ -109,7 +124,9 @@ def check_parameters(config: Any, method: Any = None) -> List[Finding]:
             if parameter is None:
                 hint = nearest(name, list(declared))
                 owners = _owners(name, spec.name)
-                message = f"`{name}` ({place}) is not a parameter of `{spec.name}` and has no effect"
+                message = (
+                    f"`{name}` ({place}) is not a parameter of `{spec.name}` and has no effect"
+                )
                 if hint:
                     message += f"; did you mean `{hint}`?"
                 elif owners:
@@ -119,12 +136,15 @@ def check_parameters(config: Any, method: Any = None) -> List[Finding]:
                     message += "."
                 message += f" `{spec.name}` takes: {takes}."
             elif model is not None and parameter.scope == ParameterScope.SHARED:
-                message = (f"`{name}` ({place}) has no effect under a model: `{spec.name}` reads it "
-                           "once for all models; set it in the global, module or slice parameters.")
-            elif (model is not None and model == base
-                  and parameter.scope == ParameterScope.NON_BASE):
-                message = (f"`{name}` ({place}) has no effect on the base model: `{spec.name}` "
-                           "takes it for the other models only.")
+                message = (
+                    f"`{name}` ({place}) has no effect under a model: `{spec.name}` reads it "
+                    "once for all models; set it in the global, module or slice parameters."
+                )
+            elif model is not None and model == base and parameter.scope == ParameterScope.NON_BASE:
+                message = (
+                    f"`{name}` ({place}) has no effect on the base model: `{spec.name}` "
+                    "takes it for the other models only."
+                )
             else:
                 continue
             findings.append(Finding(place, name, message))
@@ -180,11 +200,17 @@ def _unknown_keys(data: Any, model: Any, where: str) -> Iterator[Finding]:
     for key in data:
         if key not in fields:
             hint = nearest(str(key), fields)
-            yield Finding(where, str(key),
-                          f"`{key}` ({where}) is not a configuration key and is ignored"
-                          + (f"; did you mean `{hint}`?" if hint else "."))
-    children = {"models": InputModelDefinition, "slices": OutputSliceDefinition,
-                "sources": InputSliceDefinition}
+            yield Finding(
+                where,
+                str(key),
+                f"`{key}` ({where}) is not a configuration key and is ignored"
+                + (f"; did you mean `{hint}`?" if hint else "."),
+            )
+    children = {
+        "models": InputModelDefinition,
+        "slices": OutputSliceDefinition,
+        "sources": InputSliceDefinition,
+    }
     for key, child in children.items():
         for i, entry in enumerate(data.get(key) or () if isinstance(data.get(key), list) else ()):
             prefix = "" if where == TOP else f"{where}."
@@ -206,15 +232,23 @@ def check_document(data: Any, label: str = "") -> List[Finding]:
         return [Finding(where, "", f"{label}not a mapping of configuration keys.")]
     data = dict(data)
     data.pop("name", None)  # mergekit-multi's stage name
-    findings = [Finding(f.where, f.name, f"{label}{f.message}")
-                for f in _unknown_keys(data, MergeConfiguration, TOP)]
+    findings = [
+        Finding(f.where, f.name, f"{label}{f.message}")
+        for f in _unknown_keys(data, MergeConfiguration, TOP)
+    ]
     config = MergeConfiguration.model_validate(data)
     names = [m.spec.name for m in registry.registered_methods()]
     if config.merge_method not in names:
         hint = nearest(config.merge_method, names)
-        findings.append(Finding(where, config.merge_method,
-                                f"{label}merge_method `{config.merge_method}` is not known to "
-                                "mergekit" + (f"; did you mean `{hint}`?" if hint else ".")))
+        findings.append(
+            Finding(
+                where,
+                config.merge_method,
+                f"{label}merge_method `{config.merge_method}` is not known to "
+                "mergekit" + (f"; did you mean `{hint}`?" if hint else "."),
+            )
+        )
         return findings
-    return findings + [Finding(f.where, f.name, f"{label}{f.message}") for f in check_parameters(config)]
-
+    return findings + [
+        Finding(f.where, f.name, f"{label}{f.message}") for f in check_parameters(config)
+    ]

@@ -53,14 +53,28 @@ NOISE = "base_as_bf16"  # the base saved as bfloat16 and read back: a storage-no
 Merge = Callable[[dict, Path], None]
 
 
-def _config(method: str, parameters: Optional[dict] = None, *, models: Sequence[str] = EXPERTS,
-            per_model: Optional[Dict[str, dict]] = None, dtype: str = "float32",
-            **extra: Any) -> dict:
+def _config(
+    method: str,
+    parameters: Optional[dict] = None,
+    *,
+    models: Sequence[str] = EXPERTS,
+    per_model: Optional[Dict[str, dict]] = None,
+    dtype: str = "float32",
+    **extra: Any,
+) -> dict:
     """A configuration with model names in place of paths (:func:`resolve` fills them in)."""
-    config = {"merge_method": method, "base_model": "base", "dtype": dtype,
-              "models": [{"model": name, **({"parameters": per_model[name]}
-                                           if per_model and name in per_model else {})}
-                         for name in models]}
+    config = {
+        "merge_method": method,
+        "base_model": "base",
+        "dtype": dtype,
+        "models": [
+            {
+                "model": name,
+                **({"parameters": per_model[name]} if per_model and name in per_model else {}),
+            }
+            for name in models
+        ],
+    }
     if parameters:
         config["parameters"] = parameters
     config.update(extra)
@@ -83,8 +97,9 @@ def ace_cases() -> Dict[str, dict]:
         "ace/eps-number": _config("ace", {"eps": 1.0e-3}),
         "ace/eps-number-gate-on": _config("ace", {"eps": 1.0e-2, "gate": "on"}),
         "ace/eps-tiny": _config("ace", {"eps": 1.0e-8}, models=["expert_math", "expert_chat"]),
-        "ace/eps-zero": _config("ace", {"eps": 0.0, "gate": "off"},
-                                models=["expert_math", "expert_chat"]),
+        "ace/eps-zero": _config(
+            "ace", {"eps": 0.0, "gate": "off"}, models=["expert_math", "expert_chat"]
+        ),
         "ace/prior-false": _config("ace", {"prior": False}),
         "ace/refine-false": _config("ace", {"refine": False}),
         "ace/ablation-e1": _config("ace", {"gate": "off", "prior": False, "refine": False}),
@@ -93,22 +108,26 @@ def ace_cases() -> Dict[str, dict]:
         "ace/k-frac-1": _config("ace", {"k_frac": 1.0, "gate": "on"}),
         "ace/tau-0": _config("ace", {"tau": 0.0}),
         "ace/filters": _config("ace", filters),
-        "ace/weights": _config("ace", per_model={"expert_math": {"weight": 2.0},
-                                                 "expert_code": {"weight": 0.5}}),
+        "ace/weights": _config(
+            "ace", per_model={"expert_math": {"weight": 2.0}, "expert_code": {"weight": 0.5}}
+        ),
         "ace/weight-zero": _config("ace", per_model={"expert_code": {"weight": 0.0}}),
         "ace/lambda": _config("ace", {"lambda": 0.7}),
         "ace/noise-dropped": _config("ace", models=EXPERTS + [NOISE]),
         "ace/noise-kept": _config("ace", {"drop_noise": False}, models=EXPERTS + [NOISE]),
-        "ace/noise-kept-gate-off": _config("ace", {"drop_noise": False, "gate": "off"},
-                                           models=EXPERTS + [NOISE]),
+        "ace/noise-kept-gate-off": _config(
+            "ace", {"drop_noise": False, "gate": "off"}, models=EXPERTS + [NOISE]
+        ),
         "ace/float64": _config("ace", dtype="float64"),
         "ace/float64-gate-on-paper": _config(
-            "ace", {"gate": "on", "eps": 1.0e-5, "gate_statistic": "gamma"}, dtype="float64"),
+            "ace", {"gate": "on", "eps": 1.0e-5, "gate_statistic": "gamma"}, dtype="float64"
+        ),
         "ace/bfloat16": _config("ace", dtype="bfloat16"),
         "ace/cpu-options": _config("ace", {"matmul_precision": "tf32", "oom_fallback": "error"}),
         "ace/one-expert": _config("ace", models=["expert_code"]),
-        "ace/tokenizer-base": _config("ace", models=EXPERTS + ["expert_tokens"],
-                                       tokenizer={"source": "base"}),
+        "ace/tokenizer-base": _config(
+            "ace", models=EXPERTS + ["expert_tokens"], tokenizer={"source": "base"}
+        ),
     }
 
 
@@ -124,15 +143,18 @@ def family_cases() -> Dict[str, dict]:
         "iso_cts/fraction-0": _config("iso_cts", {"common_space_fraction": 0.0}),
     }
     for method in ("actmat", "tsv", "iso_c", "iso_cts"):
-        cases.update({
-            f"{method}/defaults": _config(method),
-            f"{method}/lambda": _config(method, {"lambda": 0.8}),
-            f"{method}/float64": _config(method, dtype="float64"),
-            f"{method}/bfloat16": _config(method, dtype="bfloat16"),
-            f"{method}/noise-dropped": _config(method, models=EXPERTS + [NOISE]),
-            f"{method}/noise-kept": _config(method, {"drop_noise": False},
-                                            models=EXPERTS + [NOISE]),
-        })
+        cases.update(
+            {
+                f"{method}/defaults": _config(method),
+                f"{method}/lambda": _config(method, {"lambda": 0.8}),
+                f"{method}/float64": _config(method, dtype="float64"),
+                f"{method}/bfloat16": _config(method, dtype="bfloat16"),
+                f"{method}/noise-dropped": _config(method, models=EXPERTS + [NOISE]),
+                f"{method}/noise-kept": _config(
+                    method, {"drop_noise": False}, models=EXPERTS + [NOISE]
+                ),
+            }
+        )
     return dict(sorted(cases.items()))
 
 
@@ -181,8 +203,11 @@ def merge_in_process(options: Optional[dict] = None) -> Merge:
         from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
 
-        run_merge(MergeConfiguration.model_validate(config), str(out),
-                  options=MergeOptions(**{"quiet": True, **(options or {})}))
+        run_merge(
+            MergeConfiguration.model_validate(config),
+            str(out),
+            options=MergeOptions(**{"quiet": True, **(options or {})}),
+        )
 
     return merge
 
@@ -199,16 +224,19 @@ def merge_with_cli(arguments: Sequence[str] = (), env: Optional[dict] = None) ->
     return merge
 
 
-def hash_cases(names: Sequence[str], paths: Dict[str, Path], merge: Merge,
-               workdir: Path) -> Dict[str, dict]:
+def hash_cases(
+    names: Sequence[str], paths: Dict[str, Path], merge: Merge, workdir: Path
+) -> Dict[str, dict]:
     """``{case: {"config": ..., "tensors": {name: sha256}}}`` for the configuration cases
     ``names`` (of :func:`all_cases`) merged by ``merge``, and for the kernel cases among them."""
     cases = all_cases()
     results = {}
     for name in names:
         if name in KERNEL_CASES:
-            results[name] = {"config": {"kernel": "ace_merge", "case": name},
-                             "tensors": kernel_case(name, paths)}
+            results[name] = {
+                "config": {"kernel": "ace_merge", "case": name},
+                "tensors": kernel_case(name, paths),
+            }
             continue
         out = workdir / name.replace("/", "__")
         merge(resolve(cases[name], paths), out)
@@ -263,8 +291,7 @@ def kernel_case(name: str, paths: Dict[str, Path]) -> Dict[str, str]:
         fake = base[key].float().clone().as_subclass(_ReportsCuda)
         fakes = [e[key].float().clone().as_subclass(_ReportsCuda) for e in experts]
         with _pretend_cuda():
-            merged, diag = ace_merge(fake, fakes, gate=gate, free_device_bytes=0,
-                                     tensor_name=key)
+            merged, diag = ace_merge(fake, fakes, gate=gate, free_device_bytes=0, tensor_name=key)
         if diag.device != "cpu (fallback)":
             raise RuntimeError(f"{name}: {key} was not merged by the CPU fallback")
         out[key] = tensor_digest(merged.as_subclass(torch.Tensor))
@@ -290,39 +317,70 @@ def environment(threads: int, mode: str, env: Dict[str, str], extra: Any) -> dic
 
     cpu = platform.processor()
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                 .splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "mergekit": version("mergekit"), "cpu": cpu, "threads": threads, "mode": mode,
-            "env": env, "merge_arguments": extra}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mergekit": version("mergekit"),
+        "cpu": cpu,
+        "threads": threads,
+        "mode": mode,
+        "env": env,
+        "merge_arguments": extra,
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.behaviour_hash",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, help="write the hashes here (JSON)")
-    parser.add_argument("--compare", type=Path, help="a previous file: list what differs, "
-                        "exit 1 if anything does")
-    parser.add_argument("--only", action="append", default=[],
-                        help="cases whose name contains this (repeatable)")
+    parser.add_argument(
+        "--compare", type=Path, help="a previous file: list what differs, exit 1 if anything does"
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="cases whose name contains this (repeatable)"
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--cli", action="store_true",
-                        help="merge with the mergekit-yaml command, one process per case")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment of the merges (repeatable)")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a MergeOptions field for run_merge (in-process mode; YAML value)")
-    parser.add_argument("--workdir", type=Path, help="build the checkpoints here "
-                        "(default: a temporary directory)")
-    parser.add_argument("merge_arguments", nargs="*",
-                        help="after --: arguments for mergekit-yaml (with --cli)")
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="merge with the mergekit-yaml command, one process per case",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the merges (repeatable)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a MergeOptions field for run_merge (in-process mode; YAML value)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="build the checkpoints here (default: a temporary directory)"
+    )
+    parser.add_argument(
+        "merge_arguments", nargs="*", help="after --: arguments for mergekit-yaml (with --cli)"
+    )
     args = parser.parse_args(argv)
-    names = [n for n in [*all_cases(), *KERNEL_CASES]
-             if not args.only or any(part in n for part in args.only)]
+    names = [
+        n
+        for n in [*all_cases(), *KERNEL_CASES]
+        if not args.only or any(part in n for part in args.only)
+    ]
     if args.list:
         print("\n".join(names))
         return 0
@@ -347,10 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths = build_family(root / "models")
         (root / "merges").mkdir(parents=True, exist_ok=True)
         cases = hash_cases(names, paths, merge, root / "merges")
-    result = {"about": "SHA-256 of every merged tensor: python -m tests.behaviour_hash",
-              "environment": environment(args.threads, mode, env,
-                                         args.merge_arguments or args.option),
-              "cases": cases}
+    result = {
+        "about": "SHA-256 of every merged tensor: python -m tests.behaviour_hash",
+        "environment": environment(args.threads, mode, env, args.merge_arguments or args.option),
+        "cases": cases,
+    }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -51,9 +51,9 @@ def reference_tsv(base, experts, lam=1.0):
     sum_v = torch.zeros(r, n, dtype=torch.float64)
     for i, t in enumerate(taus):
         u, s, v = torch.linalg.svd(t, full_matrices=False)
-        sum_u[:, i * k:(i + 1) * k] = u[:, :k]
-        sum_s[i * k:(i + 1) * k] = s[:k]
-        sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+        sum_u[:, i * k : (i + 1) * k] = u[:, :k]
+        sum_s[i * k : (i + 1) * k] = s[:k]
+        sum_v[i * k : (i + 1) * k, :] = v[:k, :]
     merged = _polar(sum_u) @ torch.diag(sum_s) @ _polar(sum_v.T).T
     return W0 + lam * merged
 
@@ -85,11 +85,11 @@ def reference_iso_cts(base, experts, common_space_fraction=0.8, lam=1.0):
     for i, t in enumerate(taus):
         rest = t - cu @ cu.T @ t
         tu, ts, tv = torch.linalg.svd(rest, full_matrices=False)
-        all_u[:, i * per_task:(i + 1) * per_task] = tu[:, :per_task]
-        all_s[i * per_task:(i + 1) * per_task] = ts[:per_task]
-        all_v[i * per_task:(i + 1) * per_task, :] = tv[:per_task, :]
-    all_u[:, T * per_task:] = cu
-    all_s[T * per_task:] = cs
-    all_v[T * per_task:, :] = cv
+        all_u[:, i * per_task : (i + 1) * per_task] = tu[:, :per_task]
+        all_s[i * per_task : (i + 1) * per_task] = ts[:per_task]
+        all_v[i * per_task : (i + 1) * per_task, :] = tv[:per_task, :]
+    all_u[:, T * per_task :] = cu
+    all_s[T * per_task :] = cs
+    all_v[T * per_task :, :] = cv
     merged = all_s.mean() * _polar(all_u) @ _polar(all_v.T).T
     return W0 + lam * merged

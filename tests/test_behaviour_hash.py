@@ -18,8 +18,9 @@ def test_hashes_cover_every_tensor_and_repeat_exactly(tiny_family, tmp_path):
         assert set(first[name]["tensors"]) == set(base)
         assert first[name]["config"] == all_cases()[name]
     # lambda 0.7 moves every tensor some expert changed; the difference is listed per tensor
-    lines = compare({"cases": {"ace": first["ace/lambda"]}},
-                    {"cases": {"ace": first["ace/defaults"]}})
+    lines = compare(
+        {"cases": {"ace": first["ace/lambda"]}}, {"cases": {"ace": first["ace/defaults"]}}
+    )
     assert len(lines) == len(base) and all(line.endswith(" differs") for line in lines)
     # the fallback merges every 2-D tensor on the CPU, bit for bit as the direct merge
     fallback = first["kernel/ace-cpu-fallback"]["tensors"]

@@ -27,16 +27,21 @@ def test_scale_test_separates_scale_free_from_fixed_eps():
     base, experts = _checkpoints()
     rows = scale_test(base, experts, [0.1, 10.0], every=5)
     sampled = {r["tensor"] for r in rows}
-    assert sampled == {"model.layers.0.self_attn.k_proj.weight",
-                       "model.layers.0.mlp.down_proj.weight"}
+    assert sampled == {
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    }
     assert len(rows) == len(sampled) * len(CONFIGS) * 2
 
     def devs(config):
         return [r["rel_deviation"] for r in rows if r["config"] == config]
 
     assert max(devs("eps auto, log_spread (default)")) < 1e-6
-    assert all(r["branch_a"] == r["branch_1"] for r in rows
-               if r["config"] == "eps auto, log_spread (default)")
+    assert all(
+        r["branch_a"] == r["branch_1"]
+        for r in rows
+        if r["config"] == "eps auto, log_spread (default)"
+    )
     # with a fixed eps the ridge's weight changes by a^2: the merge is not a rescaled copy
     assert min(devs("eps 1e-5, gamma (paper)")) > 1e-3
 

@@ -24,8 +24,15 @@ def test_pipeline_end_to_end(tmp_path):
     base_dir = make_tiny_base(tmp_path / "base", tasks)
     cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=2, max_text_tokens=16)
     es = ExpertSet("tiny", {t.name: cfg for t in tasks}, heldout=24, train_pool=24)
-    results = run(es, only=METHODS, cache=tmp_path / "cache", results_path=tmp_path / "r.json",
-                  base_dir=base_dir, tasks=tasks, report=False)
+    results = run(
+        es,
+        only=METHODS,
+        cache=tmp_path / "cache",
+        results_path=tmp_path / "r.json",
+        base_dir=base_dir,
+        tasks=tasks,
+        report=False,
+    )
 
     rows = results["rows"]
     tok = load_tokenizer(base_dir)
@@ -54,8 +61,9 @@ def test_pipeline_end_to_end(tmp_path):
 
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- results-tiny:start -->\nold\n<!-- results-tiny:end -->\nend\n")
-    paths = write_report(results, "tiny", doc=doc, img_dir=tmp_path / "img",
-                         out_dir=tmp_path / "out")
+    paths = write_report(
+        results, "tiny", doc=doc, img_dir=tmp_path / "img", out_dir=tmp_path / "out"
+    )
     table = paths["markdown"].read_text()
     assert "| **ace** |" in table and "task_arithmetic (lambda=1)" in table
     text = doc.read_text()

@@ -11,13 +11,19 @@ from mergekit_ace.card import SECTION_TITLE, card_section, extend_card
 from mergekit_ace.methods import METHODS, our_method
 from tests.helpers import assert_credits
 
-ARXIV = {"ace": "2603.02945", "actmat": "2604.01329", "tsv": "2412.00081",
-         "iso_c": "2502.04959", "iso_cts": "2502.04959"}
+ARXIV = {
+    "ace": "2603.02945",
+    "actmat": "2604.01329",
+    "tsv": "2412.00081",
+    "iso_c": "2502.04959",
+    "iso_cts": "2502.04959",
+}
 
 
 def config(method: str, models=("e1", "e2")) -> MergeConfiguration:
     return MergeConfiguration.model_validate(
-        {"merge_method": method, "base_model": "base", "models": [{"model": m} for m in models]})
+        {"merge_method": method, "base_model": "base", "models": [{"model": m} for m in models]}
+    )
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -46,12 +52,14 @@ def test_an_earlier_ace_stage_is_credited(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()
     (stage / "mergekit_config.yml").write_text(
-        "merge_method: ace\nbase_model: base\nmodels: [{model: e1}, {model: e2}]\n")
+        "merge_method: ace\nbase_model: base\nmodels: [{model: e1}, {model: e2}]\n"
+    )
     card = extend_card(config("slerp", models=(str(stage), "chat")), "card\n")
     assert_credits(card, "ace")
     assert f"The input `{stage}` was itself merged with [ACE-Merging]" in card
     assert "merge_method: ace\nbase_model: base" in card
     # a stage made by a mergekit method is not credited
     (stage / "mergekit_config.yml").write_text(
-        "merge_method: linear\nmodels: [{model: e1}, {model: e2}]\n")
+        "merge_method: linear\nmodels: [{model: e1}, {model: e2}]\n"
+    )
     assert extend_card(config("slerp", models=(str(stage), "chat")), "card\n") == "card\n"

@@ -28,7 +28,8 @@ def test_every_internal_name_exists(module, names):
         owner = loaded
         for part in dotted.split("."):
             assert hasattr(owner, part) or part in getattr(owner, "__annotations__", {}), (
-                f"mergekit {module} no longer has {dotted}: update mergekit_ace/compat.py")
+                f"mergekit {module} no longer has {dotted}: update mergekit_ace/compat.py"
+            )
             owner = getattr(owner, part, None)
 
 
@@ -68,11 +69,17 @@ def test_signatures_used_by_compat():
 
     assert list(inspect.signature(plan.MergePlanner._plan).parameters) == ["self"]
     assert list(inspect.signature(merge._model_out_config).parameters) == [
-        "config", "arch_info", "trust_remote_code"]
+        "config",
+        "arch_info",
+        "trust_remote_code",
+    ]
     run_params = list(inspect.signature(merge.run_merge).parameters)
     assert run_params[:3] == ["merge_config", "out_path", "options"]
     assert list(inspect.signature(merge.generate_card).parameters)[:3] == [
-        "config", "config_yaml", "name"]
+        "config",
+        "config_yaml",
+        "name",
+    ]
     # run_merge looks generate_card up in its module's globals (what the card hook replaces)
     source = inspect.getsource(inspect.unwrap(merge.run_merge))
     assert "generate_card(" in source and "MergePlanner(" in source
@@ -87,23 +94,35 @@ def test_plan_tensors_yields_one_merge_task_per_output_tensor(tiny_family):
     from mergekit.plan import MergePlanner
     from tests.tiny_models import load_state
 
-    config = MergeConfiguration.model_validate({
-        "merge_method": "ace", "base_model": str(tiny_family["base"]),
-        "models": model_list(tiny_family, list(EXPERT_SCALES))})
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "models": model_list(tiny_family, list(EXPERT_SCALES)),
+        }
+    )
     options = MergeOptions()
     arch = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
     out_config = compat.model_out_config(config, arch)
     assert out_config.num_hidden_layers == 2
-    planned = compat.plan_tensors(MergePlanner(config, arch, options=options, out_model_config=out_config))
+    planned = compat.plan_tensors(
+        MergePlanner(config, arch, options=options, out_model_config=out_config)
+    )
     names = [weight.name for weight, _ in planned]
     assert sorted(names) == sorted(load_state(tiny_family["base"]))
-    assert all(isinstance(task, ExecuteMergeMethodTask) and task.method_name == "ace"
-               for _, task in planned)
+    assert all(
+        isinstance(task, ExecuteMergeMethodTask) and task.method_name == "ace"
+        for _, task in planned
+    )
 
 
 def test_fresh_process_has_the_hooks_without_importing_mergekit_ace():
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import sys
         import mergekit.merge, mergekit.plan
         from mergekit.scripts import run_yaml, multimerge
@@ -111,7 +130,12 @@ def test_fresh_process_has_the_hooks_without_importing_mergekit_ace():
         print(all(getattr(f, "_mergekit_ace", False) for f in (
             mergekit.merge.run_merge, mergekit.plan.MergePlanner._plan,
             run_yaml.run_merge, multimerge.run_merge)))
-        """)], capture_output=True, text=True, timeout=300)
+        """),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "True"
 
@@ -121,7 +145,9 @@ def test_pyproject_accepts_the_installed_mergekit_range():
 
     text = (ROOT / "pyproject.toml").read_text()
     assert '"mergekit>=0.1.5,<0.2"' in text
-    major, minor, patch = (int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", version("mergekit")).groups())
+    major, minor, patch = (
+        int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", version("mergekit")).groups()
+    )
     assert (0, 1, 5) <= (major, minor, patch) < (0, 2, 0)
 
 
@@ -134,8 +160,11 @@ def test_only_compat_touches_mergekit_internals():
         r"|\binput_parameters\b|\boutput_weight\b|\bmethod_name\b|\bLoaderCache\(\)\.get"
         r"|\bExecutor\()"
     )
-    offenders = {p.relative_to(ROOT).as_posix(): internal.findall(p.read_text())
-                 for p in (ROOT / "mergekit_ace").rglob("*.py") if p.name != "compat.py"}
+    offenders = {
+        p.relative_to(ROOT).as_posix(): internal.findall(p.read_text())
+        for p in (ROOT / "mergekit_ace").rglob("*.py")
+        if p.name != "compat.py"
+    }
     assert {path: found for path, found in offenders.items() if found} == {}
 
 
@@ -147,15 +176,21 @@ def test_planned_tensor_reads_the_task_graph(tiny_family):
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    config = MergeConfiguration.model_validate({
-        "merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
-        "parameters": {"k_frac": 0.5},
-        "models": model_list(tiny_family, list(EXPERT_SCALES), {"expert_code": {"weight": 2}})})
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "parameters": {"k_frac": 0.5},
+            "models": model_list(tiny_family, list(EXPERT_SCALES), {"expert_code": {"weight": 2}}),
+        }
+    )
     options = MergeOptions()
     arch = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    planner = MergePlanner(config, arch, options=options,
-                           out_model_config=compat.model_out_config(config, arch))
+    planner = MergePlanner(
+        config, arch, options=options, out_model_config=compat.model_out_config(config, arch)
+    )
     tasks = [task for _, task in compat.plan_tensors(planner)]
     name = "model.layers.1.mlp.up_proj.weight"
     (task,) = [t for t in tasks if compat.planned_tensor(t).name == name]
@@ -163,7 +198,8 @@ def test_planned_tensor_reads_the_task_graph(tiny_family):
     assert planned.method == "ace" and planned.task is task
     assert str(planned.base.model.path) == str(tiny_family["base"])
     assert [str(m.model.path) for m in planned.experts] == [
-        str(tiny_family[n]) for n in EXPERT_SCALES]
+        str(tiny_family[n]) for n in EXPERT_SCALES
+    ]
     assert planned.parameters["k_frac"] == 0.5
     weights = {str(m.model.path): v.get("weight") for m, v in planned.model_parameters.items()}
     assert weights[str(tiny_family["expert_code"])] == 2
@@ -172,6 +208,7 @@ def test_planned_tensor_reads_the_task_graph(tiny_family):
     assert set(inputs) == set(planned.models)
     path, stored = compat.tensor_file(planned.base, inputs[planned.base])
     assert stored == name and path == str(tiny_family["base"] / "model.safetensors")
-    results = dict(compat.execute([task], math_device="cpu", storage_device="cpu", quiet=True,
-                                  desc="test"))
+    results = dict(
+        compat.execute([task], math_device="cpu", storage_device="cpu", quiet=True, desc="test")
+    )
     assert tuple(results[task].shape) == (64, 32)

@@ -28,8 +28,9 @@ def _fresh_reports():
 
 def _spd(eigenvalues, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g,
-                                       dtype=torch.float64))
+    Q, _ = torch.linalg.qr(
+        torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64)
+    )
     lam = torch.tensor(eigenvalues, dtype=torch.float64)
     return ((Q * lam) @ Q.T).to(dtype)
 
@@ -73,8 +74,9 @@ def test_factor_bound_by_hand():
     B = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
     # floor 1: tr / floor - n + 1 = 6 - 3 + 1 = 4 >= true 3 (float64: not measured)
     assert RightSolver.factor(B, None, floor=1.0).info.condition == pytest.approx(4.0)
-    assert RightSolver.factor(B, None, floor=1.0, measure=True).info.condition == \
-        pytest.approx(3.0, rel=1e-6)
+    assert RightSolver.factor(B, None, floor=1.0, measure=True).info.condition == pytest.approx(
+        3.0, rel=1e-6
+    )
     assert RightSolver.factor(B, None).info.condition is None
 
 
@@ -86,8 +88,13 @@ def test_float32_warning_tracks_the_real_error(eps, warns, caplog):
     base, experts = rank_deficient_experts()
     reference, _ = ace_merge(base, experts, eps=eps, gate="off")
     with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
-        out, diag = ace_merge(base.float(), [e.float() for e in experts], eps=eps, gate="off",
-                              tensor_name="model.layers.0.mlp.down_proj.weight")
+        out, diag = ace_merge(
+            base.float(),
+            [e.float() for e in experts],
+            eps=eps,
+            gate="off",
+            tensor_name="model.layers.0.mlp.down_proj.weight",
+        )
     true = _true_condition(base, experts, eps)
     assert diag.solver == "cholesky"
     assert diag.condition == pytest.approx(true, rel=0.05)
@@ -98,8 +105,14 @@ def test_float32_warning_tracks_the_real_error(eps, warns, caplog):
     if warns:
         assert change > ACCURACY_WARN  # the warning is not a false alarm
         assert len(messages) == 1
-        for part in ("model.layers.0.mlp.down_proj.weight", "eps 1e-08", "float32", "eps: auto",
-                     "dtype: float64", f"{loss:.0%}"):
+        for part in (
+            "model.layers.0.mlp.down_proj.weight",
+            "eps 1e-08",
+            "float32",
+            "eps: auto",
+            "dtype: float64",
+            f"{loss:.0%}",
+        ):
             assert part in messages[0]
     else:
         assert change < ACCURACY_WARN and not messages
@@ -112,11 +125,15 @@ def test_no_warning_with_auto_or_float64_and_once_per_eps(caplog):
         ace_merge(base, experts, eps=1e-8, gate="off")  # float64
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         for name in ("a", "b"):
-            ace_merge(base.float(), [e.float() for e in experts], eps=1e-8, gate="off",
-                      tensor_name=name)
+            ace_merge(
+                base.float(), [e.float() for e in experts], eps=1e-8, gate="off", tensor_name=name
+            )
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    debug = [r.getMessage() for r in caplog.records
-             if r.levelno == logging.DEBUG and "condition number" in r.getMessage()]
+    debug = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.DEBUG and "condition number" in r.getMessage()
+    ]
     assert len(warned) == 1 and "'a'" in warned[0]
     assert len(debug) == 1 and "'b'" in debug[0]
 
@@ -136,8 +153,15 @@ def _nearly_low_rank_experts(noise, m=512, n=512, seed=0):
     matrix's spectrum falls steeply, so its k-th singular value is small beside the first."""
     g = torch.Generator().manual_seed(seed)
     base = 0.02 * torch.randn(m, n, generator=g)
-    experts = [base + s * (torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
-                           + noise * torch.randn(m, n, generator=g)) for s in (0.002, 0.02, 0.006)]
+    experts = [
+        base
+        + s
+        * (
+            torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
+            + noise * torch.randn(m, n, generator=g)
+        )
+        for s in (0.002, 0.02, 0.006)
+    ]
     return base, experts
 
 
@@ -182,13 +206,15 @@ def test_each_run_merge_reports_afresh_and_counts_every_tensor(tiny_family, tmp_
 
     from tests.tiny_models import model_list
 
-    config = MergeConfiguration.model_validate({
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "parameters": {"eps": 1.0e-8},
-        "models": model_list(tiny_family, ["expert_math", "expert_chat"]),
-    })
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "parameters": {"eps": 1.0e-8},
+            "models": model_list(tiny_family, ["expert_math", "expert_chat"]),
+        }
+    )
     counts = []
     for i in range(2):
         caplog.clear()
@@ -199,8 +225,10 @@ def test_each_run_merge_reports_afresh_and_counts_every_tensor(tiny_family, tmp_
         assert all(r.levelno == logging.DEBUG for r in tensors[1:])
         summary = [r.getMessage() for r in caplog.records if "in this merge" in r.getMessage()]
         assert len(tensors) > 1
-        assert summary == [f"ACE: in this merge, round-off can change the merged update of "
-                           f"{len(tensors)} tensors by more than 1 % (the first is named above, "
-                           "all of them with -vv)."]
+        assert summary == [
+            f"ACE: in this merge, round-off can change the merged update of "
+            f"{len(tensors)} tensors by more than 1 % (the first is named above, "
+            "all of them with -vv)."
+        ]
         counts.append(len(tensors))
     assert counts[0] == counts[1]

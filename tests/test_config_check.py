@@ -55,9 +55,15 @@ def test_mergekit_yaml_warns_about_each_ignored_parameter(tiny_family, tmp_path)
         assert expected in result.stderr, expected
     assert f"(model `{tiny_family[EXPERTS[0]]}`)" in result.stderr
     # the output is still the default merge: the warning reports, it does not change the merge
-    clean = write_config(tmp_path / "clean.yml", {
-        "merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
-        "models": model_list(tiny_family, EXPERTS[:2])})
+    clean = write_config(
+        tmp_path / "clean.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "models": model_list(tiny_family, EXPERTS[:2]),
+        },
+    )
     clean_result = mergekit_yaml(clean, tmp_path / "clean_out")
     assert "has no effect" not in clean_result.stderr
     dirty_state, clean_state = load_state(tmp_path / "out"), load_state(tmp_path / "clean_out")
@@ -65,12 +71,20 @@ def test_mergekit_yaml_warns_about_each_ignored_parameter(tiny_family, tmp_path)
 
 
 def test_tsv_weight_under_a_model_is_reported(tiny_family, tmp_path):
-    cfg = write_config(tmp_path / "tsv.yml", {
-        "merge_method": "tsv", "base_model": str(tiny_family["base"]), "dtype": "float32",
-        "models": model_list(tiny_family, EXPERTS[:2], {EXPERTS[1]: {"weight": 0.3}})})
+    cfg = write_config(
+        tmp_path / "tsv.yml",
+        {
+            "merge_method": "tsv",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "models": model_list(tiny_family, EXPERTS[:2], {EXPERTS[1]: {"weight": 0.3}}),
+        },
+    )
     result = mergekit_yaml(cfg, tmp_path / "out")
-    assert (f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
-            "no effect (it is a parameter of") in result.stderr
+    assert (
+        f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
+        "no effect (it is a parameter of"
+    ) in result.stderr
     assert "`tsv` takes: lambda, drop_noise." in result.stderr
     assert_credits((tmp_path / "out" / "README.md").read_text(), "tsv")
 
@@ -84,10 +98,15 @@ def test_warning_comes_before_any_checkpoint_is_read(tiny_family, tmp_path):
     data = shard.read_bytes()
     header = struct.unpack("<Q", data[:8])[0]
     shard.write_bytes(data[: 8 + header] + b"\0" * 16)
-    cfg = write_config(tmp_path / "typo.yml", {
-        "merge_method": "ace", "base_model": str(tiny_family["base"]),
-        "parameters": {"k_fraction": 0.5},
-        "models": [{"model": str(tiny_family[EXPERTS[0]])}, {"model": str(broken)}]})
+    cfg = write_config(
+        tmp_path / "typo.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "parameters": {"k_fraction": 0.5},
+            "models": [{"model": str(tiny_family[EXPERTS[0]])}, {"model": str(broken)}],
+        },
+    )
     result = mergekit_yaml(cfg, tmp_path / "out", check=False)
     assert result.returncode != 0
     warning = result.stderr.find("`k_fraction` (global parameters)")
@@ -124,23 +143,30 @@ def test_run_merge_api_warns_before_reading(tiny_family, tmp_path, caplog, monke
 
 
 def test_locations_in_slices_and_modules():
-    config = MergeConfiguration.model_validate({
-        "merge_method": "ace",
-        "base_model": "base",
-        "slices": [{
-            "sources": [
-                {"model": "a", "layer_range": [0, 2], "parameters": {"weigth": 1.0}},
-                {"model": "base", "layer_range": [0, 2]},
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ace",
+            "base_model": "base",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "a", "layer_range": [0, 2], "parameters": {"weigth": 1.0}},
+                        {"model": "base", "layer_range": [0, 2]},
+                    ],
+                    "parameters": {"tau": 0.2, "gamma": [{"filter": "self_attn", "value": 0.1}]},
+                }
             ],
-            "parameters": {"tau": 0.2, "gamma": [{"filter": "self_attn", "value": 0.1}]},
-        }],
-    })
+        }
+    )
     messages = sorted(f.message for f in check_parameters(config))
     assert len(messages) == 2
-    assert messages[1].startswith("`weigth` (slices[0], model `a`) is not a parameter of `ace` "
-                                  "and has no effect; did you mean `weight`?")
-    assert messages[0].startswith("`gamma` (slices[0] parameters, filter `self_attn`) is not a "
-                                  "parameter of `ace`")
+    assert messages[1].startswith(
+        "`weigth` (slices[0], model `a`) is not a parameter of `ace` "
+        "and has no effect; did you mean `weight`?"
+    )
+    assert messages[0].startswith(
+        "`gamma` (slices[0] parameters, filter `self_attn`) is not a parameter of `ace`"
+    )
 
 
 def check(path):
@@ -152,33 +178,74 @@ def check(path):
     return CliRunner().invoke(main, ["check", str(path)])
 
 
-@pytest.mark.parametrize("config, expected", [
-    ({"merge_method": "ace", "parameters": {"k_frac": 0.2, "eps": "auto"},
-      "models": [{"model": "e1", "parameters": {"weight": 2}}, {"model": "e2"}]}, []),
-    ({"merge_method": "ties", "parameters": {"density": 0.5, "normalize": True},
-      "models": [{"model": "e1", "parameters": {"weight": 0.5, "density": 0.7}}, {"model": "e2"}]}, []),
-    ({"merge_method": "ties", "parameters": {"densty": 0.5},
-      "models": [{"model": "e1"}, {"model": "e2"}]},
-     ["`densty` (global parameters) is not a parameter of `ties` and has no effect; "
-      "did you mean `density`?"]),
-    ({"merge_method": "slerp", "parameters": {"t": 0.5, "weight": 1.0},
-      "models": [{"model": "e1"}, {"model": "e2"}]},
-     ["`weight` (global parameters) is not a parameter of `slerp`"]),
-    ({"merge_method": "ace", "paramters": {"k_frac": 0.5},
-      "models": [{"model": "e1", "paramaters": {"weight": 2}}, {"model": "e2"}]},
-     ["`paramters` (top level) is not a configuration key and is ignored; "
-      "did you mean `parameters`?",
-      "`paramaters` (models[0]) is not a configuration key and is ignored; "
-      "did you mean `parameters`?"]),
-    ({"merge_method": "acee", "models": [{"model": "e1"}]},
-     ["merge_method `acee` is not known to mergekit; did you mean `ace`?"]),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            {
+                "merge_method": "ace",
+                "parameters": {"k_frac": 0.2, "eps": "auto"},
+                "models": [{"model": "e1", "parameters": {"weight": 2}}, {"model": "e2"}],
+            },
+            [],
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "parameters": {"density": 0.5, "normalize": True},
+                "models": [
+                    {"model": "e1", "parameters": {"weight": 0.5, "density": 0.7}},
+                    {"model": "e2"},
+                ],
+            },
+            [],
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "parameters": {"densty": 0.5},
+                "models": [{"model": "e1"}, {"model": "e2"}],
+            },
+            [
+                "`densty` (global parameters) is not a parameter of `ties` and has no effect; "
+                "did you mean `density`?"
+            ],
+        ),
+        (
+            {
+                "merge_method": "slerp",
+                "parameters": {"t": 0.5, "weight": 1.0},
+                "models": [{"model": "e1"}, {"model": "e2"}],
+            },
+            ["`weight` (global parameters) is not a parameter of `slerp`"],
+        ),
+        (
+            {
+                "merge_method": "ace",
+                "paramters": {"k_frac": 0.5},
+                "models": [{"model": "e1", "paramaters": {"weight": 2}}, {"model": "e2"}],
+            },
+            [
+                "`paramters` (top level) is not a configuration key and is ignored; "
+                "did you mean `parameters`?",
+                "`paramaters` (models[0]) is not a configuration key and is ignored; "
+                "did you mean `parameters`?",
+            ],
+        ),
+        (
+            {"merge_method": "acee", "models": [{"model": "e1"}]},
+            ["merge_method `acee` is not known to mergekit; did you mean `ace`?"],
+        ),
+    ],
+)
 def test_check_command(tmp_path, config, expected):
     result = check(write_config(tmp_path / "config.yml", {"base_model": "base", **config}))
     assert result.exit_code == (1 if expected else 0), result.output
     for line in expected:
         assert line in result.stdout, result.stdout
-    assert len([line for line in result.stdout.splitlines() if "config.yml: " in line]) == max(len(expected), 1)
+    assert len([line for line in result.stdout.splitlines() if "config.yml: " in line]) == max(
+        len(expected), 1
+    )
 
 
 def test_check_command_reads_mergekit_multi_recipes(tmp_path):
@@ -187,7 +254,8 @@ def test_check_command_reads_mergekit_multi_recipes(tmp_path):
         "name: stage\nmerge_method: ace\nbase_model: base\nparameters: {k_fraction: 0.5}\n"
         "models: [{model: e1}, {model: e2}]\n---\n"
         "merge_method: slerp\nbase_model: stage\nparameters: {t: 0.3}\n"
-        "models: [{model: stage}, {model: chat}]\n")
+        "models: [{model: stage}, {model: chat}]\n"
+    )
     result = run_cli("mergekit-ace", ["check", recipe], check=False)
     assert result.returncode == 1
     assert "[stage] `k_fraction` (global parameters) is not a parameter of `ace`" in result.stdout
@@ -213,18 +281,29 @@ def test_mergekit_multi_warns_for_the_ace_stage(tiny_family, tmp_path):
         f"models: [{{model: {tiny_family[EXPERTS[0]]}}}, {{model: {tiny_family[EXPERTS[1]]}}}]\n"
         "---\n"
         "merge_method: slerp\nbase_model: stage\nparameters: {t: 0.3}\n"
-        f"models: [{{model: stage}}, {{model: {tiny_family[EXPERTS[2]]}}}]\n")
-    result = run_cli("mergekit-multi", [recipe, "-I", tmp_path / "stages", "--out-path", tmp_path / "final"])
+        f"models: [{{model: stage}}, {{model: {tiny_family[EXPERTS[2]]}}}]\n"
+    )
+    result = run_cli(
+        "mergekit-multi", [recipe, "-I", tmp_path / "stages", "--out-path", tmp_path / "final"]
+    )
     assert result.stderr.count("`k_fraction` (global parameters) is not a parameter of `ace`") == 1
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
 def test_inspect_warns_too(tiny_family, tmp_path):
-    cfg = write_config(tmp_path / "typo.yml", {
-        "merge_method": "ace", "base_model": str(tiny_family["base"]),
-        "parameters": {"k_fraction": 0.5}, "models": model_list(tiny_family, EXPERTS[:2])})
-    result = run_cli("mergekit-ace", ["inspect", cfg, "--estimate-only", "--no-plots", "-q",
-                                      "--out", tmp_path / "inspect"])
+    cfg = write_config(
+        tmp_path / "typo.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "parameters": {"k_fraction": 0.5},
+            "models": model_list(tiny_family, EXPERTS[:2]),
+        },
+    )
+    result = run_cli(
+        "mergekit-ace",
+        ["inspect", cfg, "--estimate-only", "--no-plots", "-q", "--out", tmp_path / "inspect"],
+    )
     assert "`k_fraction` (global parameters) is not a parameter of `ace`" in result.stderr
 
 
@@ -233,9 +312,14 @@ def test_readme_shows_the_warning_as_printed():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (shown,) = [line for line in readme.splitlines() if line.startswith("WARNING:mergekit_ace:")]
-    config = MergeConfiguration.model_validate({
-        "merge_method": "ace", "base_model": "base", "parameters": {"k_fraction": 0.5},
-        "models": [{"model": "expert"}]})
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ace",
+            "base_model": "base",
+            "parameters": {"k_fraction": 0.5},
+            "models": [{"model": "expert"}],
+        }
+    )
     (finding,) = check_parameters(config)
     assert shown == "WARNING:mergekit_ace:" + finding.message
 
@@ -247,7 +331,7 @@ def test_readme_parameter_table_lists_what_ace_declares():
     from mergekit_ace.methods import our_method
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("### Parameters"):readme.index("## Documentation")]
+    table = readme[readme.index("### Parameters") : readme.index("## Documentation")]
     listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
     assert listed and sorted(listed) == sorted(p.name for p in our_method("ace").spec.parameters)
 
@@ -259,12 +343,16 @@ def test_family_table_lists_what_each_method_declares():
     from mergekit_ace.methods import our_method
 
     family = (Path(__file__).resolve().parents[1] / "docs" / "family.md").read_text()
-    rows = [row for row in re.findall(r"^\| `(\w+)` \|[^|]*\|[^|]*\| (.*) \|$", family, flags=re.M)
-            if row[0] != "merge_method"]  # the header
+    rows = [
+        row
+        for row in re.findall(r"^\| `(\w+)` \|[^|]*\|[^|]*\| (.*) \|$", family, flags=re.M)
+        if row[0] != "merge_method"
+    ]  # the header
     assert [name for name, _ in rows] == ["actmat", "tsv", "iso_c", "iso_cts"]
     for name, listed in rows:
         assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(
-            p.name for p in our_method(name).spec.parameters), name
+            p.name for p in our_method(name).spec.parameters
+        ), name
 
 
 # --- the experts' shapes, from the headers, right after planning --------------------------
@@ -277,22 +365,27 @@ def _narrow_expert_config(family, tmp_path, method):
     models = [{"model": str(family["expert_math"])}, {"model": str(bad)}]
     if method == "task_arithmetic":
         models = [{**m, "parameters": {"weight": 0.5}} for m in models]
-    return {"merge_method": method, "base_model": str(family["base"]), "dtype": "float32",
-            "models": models}
+    return {
+        "merge_method": method,
+        "base_model": str(family["base"]),
+        "dtype": "float32",
+        "models": models,
+    }
 
 
-def test_shape_mismatch_stops_the_merge_before_any_tensor_is_read(tiny_family, tmp_path,
-                                                                   monkeypatch):
+def test_shape_mismatch_stops_the_merge_before_any_tensor_is_read(
+    tiny_family, tmp_path, monkeypatch
+):
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
     from mergekit.merge import MergeOptions, run_merge
 
     from mergekit_ace.kernels.inputs import MergeInputError
     from tests.helpers import TENSOR
 
-    monkeypatch.setattr(LazyTensorLoader, "get_tensor",
-                        lambda *a, **k: pytest.fail("a tensor was read"))
-    config = MergeConfiguration.model_validate(
-        _narrow_expert_config(tiny_family, tmp_path, "ace"))
+    monkeypatch.setattr(
+        LazyTensorLoader, "get_tensor", lambda *a, **k: pytest.fail("a tensor was read")
+    )
+    config = MergeConfiguration.model_validate(_narrow_expert_config(tiny_family, tmp_path, "ace"))
     with pytest.raises(MergeInputError, match=rf"{TENSOR}.*expert_narrow.*\(64, 31\).*\(64, 32\)"):
         run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
     assert not list((tmp_path / "out").glob("*.safetensors"))
@@ -315,11 +408,16 @@ def test_mergekit_yaml_names_the_model_of_a_shape_mismatch(tiny_family, tmp_path
 def test_mergekit_yaml_warns_about_misspelled_configuration_keys(tiny_family, tmp_path):
     from tests.tiny_models import write_config
 
-    config = {"merge_method": "ace", "base_model": str(tiny_family["base"]), "dtype": "float32",
-              "paramters": {"eps": 1.0e-3},
-              "models": [{"model": str(tiny_family["expert_math"])},
-                         {"model": str(tiny_family["expert_code"]),
-                          "paramters": {"weight": 0.5}}]}
+    config = {
+        "merge_method": "ace",
+        "base_model": str(tiny_family["base"]),
+        "dtype": "float32",
+        "paramters": {"eps": 1.0e-3},
+        "models": [
+            {"model": str(tiny_family["expert_math"])},
+            {"model": str(tiny_family["expert_code"]), "paramters": {"weight": 0.5}},
+        ],
+    }
     cfg = write_config(tmp_path / "typo.yml", config)
     result = mergekit_yaml(cfg, tmp_path / "out", "--no-copy-tokenizer")
     warnings = [line for line in result.stderr.splitlines() if "not a configuration key" in line]
@@ -327,8 +425,10 @@ def test_mergekit_yaml_warns_about_misspelled_configuration_keys(tiny_family, tm
     assert "`paramters` (top level)" in warnings[0] and "did you mean `parameters`" in warnings[0]
     assert "models[1]" in warnings[1]
     # the same config under task_arithmetic: mergekit's own methods are left alone
-    config.update(merge_method="task_arithmetic",
-                  models=[{"model": str(tiny_family["expert_math"]), "parameters": {"weight": 1}}])
+    config.update(
+        merge_method="task_arithmetic",
+        models=[{"model": str(tiny_family["expert_math"]), "parameters": {"weight": 1}}],
+    )
     cfg = write_config(tmp_path / "ta.yml", config)
     result = mergekit_yaml(cfg, tmp_path / "out-ta", "--no-copy-tokenizer")
     assert "not a configuration key" not in result.stderr

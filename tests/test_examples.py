@@ -29,7 +29,10 @@ def localized(text: str, family) -> str:
 
 def test_all_examples_are_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.yml")) == [
-        "ace-llama31-experts.yml", "ace-per-tensor.yml", "ace-then-slerp.yml"]
+        "ace-llama31-experts.yml",
+        "ace-per-tensor.yml",
+        "ace-then-slerp.yml",
+    ]
 
 
 @pytest.mark.parametrize("name", ["ace-llama31-experts.yml", "ace-per-tensor.yml"])
@@ -49,7 +52,9 @@ def test_single_stage_example(name, tiny_family, tmp_path):
         kwargs = dict(eps="auto", gate="auto", k_frac=0.3, lam=0.9)
     else:
         kwargs = dict(eps="auto", gate_statistic="log_spread", tau=0.3, k_frac=0.3)
-    expected, _ = ace_merge(base[key].bfloat16(), [e[key].bfloat16() for e in experts], weights=weights, **kwargs)
+    expected, _ = ace_merge(
+        base[key].bfloat16(), [e[key].bfloat16() for e in experts], weights=weights, **kwargs
+    )
     assert merged[key].dtype == torch.bfloat16
     assert torch.equal(merged[key], expected)
     assert all(torch.isfinite(v.float()).all() for v in merged.values())
@@ -66,7 +71,10 @@ def test_multi_stage_example_ace_then_slerp(tiny_family, tmp_path):
     chat = load_state(tiny_family["expert_chat"])
     base = load_state(tiny_family["base"])
     key = "model.layers.0.mlp.up_proj.weight"
-    expected, _ = ace_merge(base[key].bfloat16(), [load_state(tiny_family[n])[key].bfloat16() for n in ("expert_math", "expert_code")])
+    expected, _ = ace_merge(
+        base[key].bfloat16(),
+        [load_state(tiny_family[n])[key].bfloat16() for n in ("expert_math", "expert_code")],
+    )
     assert torch.equal(stage1[key], expected)
     # SLERP sits between its two inputs
     a, b, m = stage1[key].float(), chat[key].float(), merged[key].float()
@@ -74,4 +82,6 @@ def test_multi_stage_example_ace_then_slerp(tiny_family, tmp_path):
     # the final (SLERP) card still credits the ACE stage it builds on
     card = (final / "README.md").read_text()
     assert_credits(card, "ace")
-    assert f"The input `{tmp_path / 'intermediate' / 'llama31-experts-ace'}` was itself merged" in card
+    assert (
+        f"The input `{tmp_path / 'intermediate' / 'llama31-experts-ace'}` was itself merged" in card
+    )

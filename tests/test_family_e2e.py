@@ -21,7 +21,12 @@ METHODS = {
     "actmat": (actmat_merge, {"lambda": 0.9}, {"lam": 0.9}, [1.0, 0.5, 2.0]),
     "tsv": (tsv_merge, {}, {}, None),
     "iso_c": (iso_c_merge, {"lambda": 1.2}, {"lam": 1.2}, None),
-    "iso_cts": (iso_cts_merge, {"common_space_fraction": 0.5}, {"common_space_fraction": 0.5}, None),
+    "iso_cts": (
+        iso_cts_merge,
+        {"common_space_fraction": 0.5},
+        {"common_space_fraction": 0.5},
+        None,
+    ),
 }
 
 
@@ -32,13 +37,16 @@ def test_mergekit_yaml_matches_kernel_and_loads(tiny_family, tmp_path, method):
 
     kernel, shared, kwargs, weights = METHODS[method]
     per_model = {n: {"weight": w} for n, w in zip(EXPERTS, weights)} if weights else {}
-    cfg = write_config(tmp_path / f"{method}.yml", {
-        "merge_method": method,
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        **({"parameters": shared} if shared else {}),
-        "models": model_list(tiny_family, EXPERTS, per_model),
-    })
+    cfg = write_config(
+        tmp_path / f"{method}.yml",
+        {
+            "merge_method": method,
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            **({"parameters": shared} if shared else {}),
+            "models": model_list(tiny_family, EXPERTS, per_model),
+        },
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
     merged = load_state(out)
@@ -50,7 +58,9 @@ def test_mergekit_yaml_matches_kernel_and_loads(tiny_family, tmp_path, method):
         assert diag.branch == (method if w0.dim() == 2 else "mean"), key
         assert merged[key].dtype == torch.float32, key
         assert torch.allclose(merged[key], expected, rtol=0, atol=1e-5), (
-            key, float((merged[key] - expected).abs().max()))
+            key,
+            float((merged[key] - expected).abs().max()),
+        )
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 5, 9]])).logits
     assert torch.isfinite(logits).all()
@@ -64,18 +74,23 @@ def _group():
     base = torch.randn(6, 4, generator=g)
     return TensorGroup.from_tensors(
         [base, base + torch.randn(6, 4, generator=g), base + torch.randn(6, 4, generator=g)],
-        ids=["base", "a", "b"], base_index=0, name="model.layers.0.mlp.up_proj.weight",
+        ids=["base", "a", "b"],
+        base_index=0,
+        name="model.layers.0.mlp.up_proj.weight",
     )
 
 
-@pytest.mark.parametrize("method,parameters,named", [
-    ("iso_cts", {"common_space_fraction": 1.5}, "common_space_fraction"),
-    ("iso_cts", {"common_space_fraction": "most"}, "common_space_fraction"),
-    ("tsv", {"lambda": "abc"}, "lambda"),
-    ("iso_c", {"lambda": float("nan")}, "lambda"),
-    ("actmat", {"lambda": True}, "lambda"),
-    ("actmat", {"weight": {"a": -1.0, "b": 1.0}}, "weight"),
-])
+@pytest.mark.parametrize(
+    "method,parameters,named",
+    [
+        ("iso_cts", {"common_space_fraction": 1.5}, "common_space_fraction"),
+        ("iso_cts", {"common_space_fraction": "most"}, "common_space_fraction"),
+        ("tsv", {"lambda": "abc"}, "lambda"),
+        ("iso_c", {"lambda": float("nan")}, "lambda"),
+        ("actmat", {"lambda": True}, "lambda"),
+        ("actmat", {"weight": {"a": -1.0, "b": 1.0}}, "weight"),
+    ],
+)
 def test_bad_parameter_is_named_by_mergekit_validation(method, parameters, named):
     with pytest.raises(ValueError, match=f"parameter `{named}`"):
         our_method(method)([_group()], parameters=parameters)
@@ -105,7 +120,9 @@ def test_drop_noise_is_a_parameter_of_every_method(method):
     group = _group()
     base, a, b = group.tensors
     noisy = TensorGroup.from_tensors(
-        [base, a, b, base.to(torch.bfloat16)], ids=["base", "a", "b", "c"], base_index=0,
+        [base, a, b, base.to(torch.bfloat16)],
+        ids=["base", "a", "b", "c"],
+        base_index=0,
         name=group.metadata.name,
     )
     seen = []
@@ -149,5 +166,6 @@ def test_bad_fraction_is_named_when_mergekit_resolves_the_config(setting, t):
     spec = {p.name: p for p in our_method("iso_cts").spec.parameters}["common_space_fraction"]
     with pytest.raises(ValueError, match="parameter `common_space_fraction`"):
         resolve_parameter(spec, [{"common_space_fraction": setting}], tensor_name="x", t=t)
-    assert resolve_parameter(spec, [{"common_space_fraction": [0.2, 0.6]}],
-                             tensor_name="x", t=0.5) == pytest.approx(0.4)
+    assert resolve_parameter(
+        spec, [{"common_space_fraction": [0.2, 0.6]}], tensor_name="x", t=0.5
+    ) == pytest.approx(0.4)

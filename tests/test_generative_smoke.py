@@ -77,8 +77,9 @@ def test_quick_run_end_to_end(tmp_path):
     ids = torch.tensor(encode_docs(tok, [text], gs.seq))
     with torch.no_grad():
         ref = float(model(input_ids=ids, labels=ids).loss)
-    assert doc_scores(model, tok, [text, "one two"], gs.seq)["loss"][0] == pytest.approx(ref,
-                                                                                       rel=1e-5)
+    assert doc_scores(model, tok, [text, "one two"], gs.seq)["loss"][0] == pytest.approx(
+        ref, rel=1e-5
+    )
 
     table = (tmp_path / f"{gs.name}.md").read_text()
     for label in ("| ace |", "| task_arithmetic (lambda=1) |", "| ties |", "| alpha |"):
@@ -87,5 +88,6 @@ def test_quick_run_end_to_end(tmp_path):
     # a rerun reuses every scored model
     again = run_quick(tmp_path, report=False, log=lambda *_: None)
     assert again["runs"][-1]["seconds"] < results["runs"][-1]["seconds"]
-    assert {k: v.get("scores") for k, v in again["rows"].items()} == \
-        {k: v.get("scores") for k, v in rows.items()}
+    assert {k: v.get("scores") for k, v in again["rows"].items()} == {
+        k: v.get("scores") for k, v in rows.items()
+    }

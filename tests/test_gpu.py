@@ -19,8 +19,9 @@ PAPER = {"eps": 1e-5, "gate_statistic": "gamma"}
 DEFAULTS = {"eps": "auto", "gate_statistic": "log_spread"}
 
 
-@pytest.mark.parametrize("kwargs", [PAPER, {**PAPER, "gate": "off"}, DEFAULTS,
-                                    {**DEFAULTS, "gate": "off"}])
+@pytest.mark.parametrize(
+    "kwargs", [PAPER, {**PAPER, "gate": "off"}, DEFAULTS, {**DEFAULTS, "gate": "off"}]
+)
 def test_kernel_on_cuda_matches_float64_reference(kwargs):
     base, experts = low_rank_experts((96, 64), (0.01, 1.0, 0.1))
     out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], **kwargs)
@@ -42,13 +43,21 @@ def test_tensor_core_products_keep_float32_accuracy(shape, gate):
     g = torch.Generator().manual_seed(7)
     m, n = shape
     base = torch.randn(m, n, generator=g)
-    experts = [base + s * (torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
-                           + 0.3 * torch.randn(m, n, generator=g)) for s in (0.002, 0.02, 0.006)]
+    experts = [
+        base
+        + s
+        * (
+            torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) / 8
+            + 0.3 * torch.randn(m, n, generator=g)
+        )
+        for s in (0.002, 0.02, 0.006)
+    ]
     ref, branch = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate=gate)
     errors = {}
     for precision in ("float32", "auto", "tf32"):
-        out, diag = ace_merge(base.cuda(), [e.cuda() for e in experts], gate=gate,
-                              matmul_precision=precision)
+        out, diag = ace_merge(
+            base.cuda(), [e.cuda() for e in experts], gate=gate, matmul_precision=precision
+        )
         assert diag.branch == branch
         errors[precision] = rel_err(out.cpu() - base, ref - base.double())
         if precision == "auto":
@@ -72,12 +81,15 @@ def test_streaming_plan_on_cuda_matches_reference(gate, monkeypatch):
 
 def test_mergekit_yaml_cuda_matches_cpu_kernel(tiny_family, tmp_path):
     names = list(EXPERT_SCALES)
-    cfg = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "models": model_list(tiny_family, names),
-    })
+    cfg = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "models": model_list(tiny_family, names),
+        },
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out, "--cuda")
     merged = load_state(out)
@@ -93,7 +105,8 @@ def test_condition_number_on_cuda_matches_cpu():
     gives the CPU's value for a rank-deficient system with a tiny fixed eps."""
     base, experts = rank_deficient_experts(torch.float32)
     _, cpu = ace_merge(base, experts, eps=1e-8, gate="off")
-    _, gpu = ace_merge(base.cuda(), [e.cuda() for e in experts], eps=1e-8, gate="off",
-                       matmul_precision="float32")
+    _, gpu = ace_merge(
+        base.cuda(), [e.cuda() for e in experts], eps=1e-8, gate="off", matmul_precision="float32"
+    )
     assert gpu.solver == cpu.solver == "cholesky"
     assert gpu.condition == pytest.approx(cpu.condition, rel=0.05)

@@ -48,8 +48,14 @@ def inspected(tiny_family, tmp_path_factory):
     before = tree(models_root)
     result = run_cli("mergekit-ace", ["inspect", config, "--out", work / "report", "--quiet"])
     report = json.loads((work / "report" / "inspect.json").read_text())
-    return {"work": work, "result": result, "report": report, "rows": {r["name"]: r for r in report["rows"]},
-            "models_before": before, "models_root": models_root}
+    return {
+        "work": work,
+        "result": result,
+        "report": report,
+        "rows": {r["name"]: r for r in report["rows"]},
+        "models_before": before,
+        "models_root": models_root,
+    }
 
 
 def independent_gamma(energies):
@@ -60,7 +66,9 @@ def independent_gamma(energies):
 
 
 def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
-    states = {name: load_file(tiny_family[name] / "model.safetensors") for name in ["base"] + EXPERTS}
+    states = {
+        name: load_file(tiny_family[name] / "model.safetensors") for name in ["base"] + EXPERTS
+    }
     rows = inspected["rows"]
     assert len(rows) == len(states["base"])
     assert inspected["report"]["experts"] == LABELS
@@ -72,8 +80,9 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
         assert row["energies"] == pytest.approx(energies, rel=1e-4)
         tau = MLP_TAU if ".mlp." in name else 0.3
         assert row["parameters"]["tau"] == tau
-        _, diag = ace_merge(base, experts, tau=tau, eps=1e-5, gate_statistic="gamma",
-                            spectra=True, tensor_name=name)
+        _, diag = ace_merge(
+            base, experts, tau=tau, eps=1e-5, gate_statistic="gamma", spectra=True, tensor_name=name
+        )
         assert row["branch"] == diag.branch
         assert tuple(row["shape"]) == tuple(base.shape)
         if base.dim() != 2:
@@ -88,16 +97,18 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
         assert row["matmul"] == diag.matmul == "float32"  # CPU
         assert row["rcond"] == pytest.approx(diag.rcond, rel=1e-3)
         assert row["condition"] == pytest.approx(diag.condition, rel=1e-3)
-        assert row["boost_ratio"] == (None if diag.boost_ratio is None
-                                      else pytest.approx(diag.boost_ratio, rel=1e-3))
+        assert row["boost_ratio"] == (
+            None if diag.boost_ratio is None else pytest.approx(diag.boost_ratio, rel=1e-3)
+        )
         for key in ("concentration_pre", "concentration_post"):
             assert row[key] == pytest.approx(getattr(diag, key), rel=1e-4, abs=1e-6)
         if diag.sigma_iso is None:
             assert row["sigma_iso"] is None
         else:
             assert row["sigma_iso"] == pytest.approx(diag.sigma_iso, rel=1e-4)
-        cost = estimate_ace_cost(tuple(base.shape), len(experts), 4, out_bytes=4,
-                                 refine=diag.branch == "heterogeneous")
+        cost = estimate_ace_cost(
+            tuple(base.shape), len(experts), 4, out_bytes=4, refine=diag.branch == "heterogeneous"
+        )
         assert row["flops"] == pytest.approx(cost["flops"])
         assert row["workspace_bytes"] == cost["bytes"]
         assert row["peak_bytes"] == cost["bytes"] + (len(experts) + 1) * base.numel() * 4
@@ -153,9 +164,13 @@ def independent_log_spread(energies):
 def test_default_gate_is_log_spread_in_report_and_summary(tiny_family, tmp_path):
     from mergekit_ace.inspect import inspect_config, summary_text
 
-    config = {"merge_method": "ace", "base_model": str(tiny_family["base"]),
-              "models": model_list(tiny_family, EXPERTS), "dtype": "float32",
-              "parameters": {"tau": 0.1}}
+    config = {
+        "merge_method": "ace",
+        "base_model": str(tiny_family["base"]),
+        "models": model_list(tiny_family, EXPERTS),
+        "dtype": "float32",
+        "parameters": {"tau": 0.1},
+    }
     path = write_config(tmp_path / "ace.yml", config)
     report = inspect_config(str(path), quiet=True, flop_rate=FLOP_RATE)
     states = {n: load_file(tiny_family[n] / "model.safetensors") for n in ["base"] + EXPERTS}
@@ -182,15 +197,26 @@ def test_storage_noise_expert_is_reported(tiny_family, tmp_path):
     from tests.tiny_models import TINY, save_model
 
     base = load_file(tiny_family["base"] / "model.safetensors")
-    save_model(tmp_path / "base_as_bf16", {k: v.to(torch.bfloat16).float() for k, v in base.items()}, TINY)
+    save_model(
+        tmp_path / "base_as_bf16", {k: v.to(torch.bfloat16).float() for k, v in base.items()}, TINY
+    )
     paths = dict(tiny_family, base_as_bf16=tmp_path / "base_as_bf16")
-    config = {"merge_method": "ace", "base_model": str(paths["base"]), "dtype": "float32",
-              "models": model_list(paths, EXPERTS + ["base_as_bf16"])}
-    report = inspect_config(str(write_config(tmp_path / "ace.yml", config)), quiet=True,
-                            flop_rate=FLOP_RATE)
+    config = {
+        "merge_method": "ace",
+        "base_model": str(paths["base"]),
+        "dtype": "float32",
+        "models": model_list(paths, EXPERTS + ["base_as_bf16"]),
+    }
+    report = inspect_config(
+        str(write_config(tmp_path / "ace.yml", config)), quiet=True, flop_rate=FLOP_RATE
+    )
     assert report.experts[3] == "base_as_bf16"
     # the norms' weights are all 1.0, which bf16 holds exactly: that task vector is zero
-    noisy = [row for row in report.rows if not torch.equal(base[row.name], base[row.name].bfloat16().float())]
+    noisy = [
+        row
+        for row in report.rows
+        if not torch.equal(base[row.name], base[row.name].bfloat16().float())
+    ]
     assert len(noisy) == sum(len(row.shape) == 2 for row in report.rows)
     assert all(row.noise == [3] for row in noisy)
     assert all(row.noise == [] for row in report.rows if row not in noisy)
@@ -238,8 +264,9 @@ def test_estimate_only_reads_no_tensor_data(inspected, tiny_family, tmp_path, mo
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", refuse)
     config = write_config(tmp_path / "ace.yml", ace_config(tiny_family, tau_filter=True))
-    report = inspect_config(str(config), estimate_only=True, quiet=True,
-                            flop_rate=inspected["report"]["flop_rate"])
+    report = inspect_config(
+        str(config), estimate_only=True, quiet=True, flop_rate=inspected["report"]["flop_rate"]
+    )
     full = inspected["rows"]
     assert [r.name for r in report.rows] == list(full)
     for row in report.rows:
@@ -263,16 +290,26 @@ def header_only_llama(path: Path, spec: dict) -> None:
     region: its shapes are real, its size on disk is a few KB."""
     h, i, v = spec["hidden"], spec["intermediate"], spec["vocab"]
     kv = h // spec["heads"] * spec["kv_heads"]
-    shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
+    shapes = {
+        "model.embed_tokens.weight": [v, h],
+        "model.norm.weight": [h],
+        "lm_head.weight": [v, h],
+    }
     for layer in range(spec["layers"]):
         p = f"model.layers.{layer}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
-            p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
-            p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h],
-            p + "mlp.down_proj.weight": [h, i], p + "input_layernorm.weight": [h],
-            p + "post_attention_layernorm.weight": [h],
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": [h, h],
+                p + "self_attn.k_proj.weight": [kv, h],
+                p + "self_attn.v_proj.weight": [kv, h],
+                p + "self_attn.o_proj.weight": [h, h],
+                p + "mlp.gate_proj.weight": [i, h],
+                p + "mlp.up_proj.weight": [i, h],
+                p + "mlp.down_proj.weight": [h, i],
+                p + "input_layernorm.weight": [h],
+                p + "post_attention_layernorm.weight": [h],
+            }
+        )
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = math.prod(shape) * 2
@@ -286,11 +323,18 @@ def header_only_llama(path: Path, spec: dict) -> None:
         fp.write(blob)
         fp.truncate(8 + len(blob) + offset)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": i, "num_hidden_layers": spec["layers"],
-        "num_attention_heads": spec["heads"], "num_key_value_heads": spec["kv_heads"],
-        "vocab_size": v, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "max_position_embeddings": 8192,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": spec["layers"],
+        "num_attention_heads": spec["heads"],
+        "num_key_value_heads": spec["kv_heads"],
+        "vocab_size": v,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "max_position_embeddings": 8192,
     }
     (path / "config.json").write_text(json.dumps(config))
 
@@ -304,12 +348,16 @@ def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
     names = ["base", "math", "code", "chat"]
     for name in names:
         header_only_llama(tmp_path / name, LLAMA3_8B)
-    config = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace", "base_model": str(tmp_path / "base"),
-        "models": [{"model": str(tmp_path / n)} for n in names[1:]],
-        "parameters": {"gate": [{"filter": "mlp", "value": "on"}, {"value": "auto"}]},
-        "dtype": "bfloat16",
-    })
+    config = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tmp_path / "base"),
+            "models": [{"model": str(tmp_path / n)} for n in names[1:]],
+            "parameters": {"gate": [{"filter": "mlp", "value": "on"}, {"value": "auto"}]},
+            "dtype": "bfloat16",
+        },
+    )
     report = inspect_config(str(config), estimate_only=True, quiet=True, flop_rate=1e12)
     assert len(report.rows) == 3 + 32 * 9
     down = next(r for r in report.rows if r.name == "model.layers.0.mlp.down_proj.weight")
@@ -335,7 +383,9 @@ def test_cuda_flag_without_a_gpu_fails_cleanly(tmp_path, tiny_family):
     from mergekit_ace.cli import main
 
     config = write_config(tmp_path / "ace.yml", ace_config(tiny_family, tau_filter=False))
-    result = CliRunner().invoke(main, ["inspect", str(config), "--cuda", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        main, ["inspect", str(config), "--cuda", "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code != 0
     assert "CUDA" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
@@ -366,10 +416,13 @@ def test_missing_matplotlib_is_explained(monkeypatch):
         require_matplotlib()
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"base_model": None}, "base_model"),
-    ({"merge_method": "task_arithmetic"}, "ACE merges only"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"base_model": None}, "base_model"),
+        ({"merge_method": "task_arithmetic"}, "ACE merges only"),
+    ],
+)
 def test_config_errors_are_explained(tiny_family, tmp_path, change, message):
     from click.testing import CliRunner
 
@@ -388,11 +441,16 @@ def test_tokenizer_alignment_goes_through_mergekit(tiny_family, tmp_path):
     from mergekit_ace.inspect import inspect_config
 
     names = EXPERTS + ["expert_tokens"]
-    config = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace", "base_model": str(tiny_family["base"]),
-        "models": model_list(tiny_family, names), "tokenizer": {"source": "union"},
-        "dtype": "float32",
-    })
+    config = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "models": model_list(tiny_family, names),
+            "tokenizer": {"source": "union"},
+            "dtype": "float32",
+        },
+    )
     report = inspect_config(str(config), quiet=True, flop_rate=FLOP_RATE)
     assert report.experts == ["math", "code", "chat", "tokens"]
     rows = {r.name: r for r in report.rows}

@@ -53,8 +53,9 @@ def test_kernel_matches_float64_reference(shape, scales, kwargs, branch):
         assert diag.sigma_iso > 0
 
 
-@pytest.mark.parametrize("scales,branch", [((0.01, 1.0, 0.1), "heterogeneous"),
-                                           ((0.5, 0.6, 0.55), "homogeneous")])
+@pytest.mark.parametrize(
+    "scales,branch", [((0.01, 1.0, 0.1), "heterogeneous"), ((0.5, 0.6, 0.55), "homogeneous")]
+)
 def test_defaults_are_eps_auto_and_log_spread(scales, branch):
     base, experts = low_rank_experts((24, 16), scales)
     out, diag = ace_merge(base, experts)
@@ -95,7 +96,10 @@ def test_bf16_inputs_are_computed_in_float32_and_returned_in_bf16():
     out, _ = ace_merge(base16, experts16, **PAPER)
     assert out.dtype == torch.bfloat16
     ref, _ = reference_ace(base16.float(), [e.float() for e in experts16], **PAPER)
-    assert torch.equal(out, ref.to(torch.bfloat16)) or rel_err(out.float() - base16.float(), ref - base16.double()) < 1e-2
+    assert (
+        torch.equal(out, ref.to(torch.bfloat16))
+        or rel_err(out.float() - base16.float(), ref - base16.double()) < 1e-2
+    )
 
 
 # ---- limiting cases (paper App. B.1) ----
@@ -250,9 +254,16 @@ def test_non_finite_input_names_tensor_and_model():
     base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     experts[1] = experts[1].clone()
     experts[1][3, 2] = float("nan")
-    with pytest.raises(MergeInputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*org/math-expert.*non-finite"):
-        ace_merge(base, experts, tensor_name="model.layers.0.mlp.up_proj.weight",
-                  expert_names=["org/code-expert", "org/math-expert"])
+    with pytest.raises(
+        MergeInputError,
+        match=r"model\.layers\.0\.mlp\.up_proj\.weight.*org/math-expert.*non-finite",
+    ):
+        ace_merge(
+            base,
+            experts,
+            tensor_name="model.layers.0.mlp.up_proj.weight",
+            expert_names=["org/code-expert", "org/math-expert"],
+        )
 
 
 def test_non_2d_tensors_take_weighted_mean_of_task_vectors():
@@ -275,17 +286,26 @@ def test_weights_only_ratios_matter_and_zero_removes_a_task():
     assert torch.allclose(c, d, atol=1e-6)
 
 
-@pytest.mark.parametrize("weights,match", [([1.0, -1.0], "weights must be finite and >= 0"),
-                                           ([0.0, 0.0], "every model's weight is 0")])
+@pytest.mark.parametrize(
+    "weights,match",
+    [([1.0, -1.0], "weights must be finite and >= 0"), ([0.0, 0.0], "every model's weight is 0")],
+)
 def test_bad_weights_are_refused(weights, match):
     base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     with pytest.raises(MergeInputError, match=match):
         ace_merge(base, experts, weights=weights)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"eps": -1.0}, "eps"), ({"k_frac": 1.5}, "k_frac"),
-                                         ({"gate": "maybe"}, "gate"), ({"tau": -0.1}, "tau"),
-                                         ({"gate_statistic": "x"}, "gate_statistic")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"eps": -1.0}, "eps"),
+        ({"k_frac": 1.5}, "k_frac"),
+        ({"gate": "maybe"}, "gate"),
+        ({"tau": -0.1}, "tau"),
+        ({"gate_statistic": "x"}, "gate_statistic"),
+    ],
+)
 def test_bad_parameters_name_the_parameter(kwargs, name):
     base, experts = low_rank_experts((8, 4), (0.1, 0.2))
     with pytest.raises(ValueError, match=name):
@@ -297,5 +317,7 @@ def test_spectral_concentration_diagnostics():
     _, diag = ace_merge(base, experts, spectra=True)
     s = torch.tensor(diag.singular_values_pre, dtype=torch.float64)
     top = math.ceil(0.05 * s.numel())
-    assert diag.concentration_pre == pytest.approx(float((s[:top] ** 2).sum() / (s**2).sum()), rel=1e-9)
+    assert diag.concentration_pre == pytest.approx(
+        float((s[:top] ** 2).sum() / (s**2).sum()), rel=1e-9
+    )
     assert 0 < diag.concentration_post <= 1

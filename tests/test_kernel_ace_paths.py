@@ -18,9 +18,11 @@ from mergekit_ace.kernels.linalg import RightSolver, short_side_gram, top_k_isot
 from tests.reference import reference_ace, rel_err
 from tests.helpers import low_rank_experts
 
-SHAPES = [((24, 16), (0.01, 1.0, 0.1)),  # m >= n: C^T C formed per task
-          ((10, 32), (0.01, 1.0, 0.1, 0.3)),  # 2m < n: (C C^T) C reassociation
-          ((16, 24), (0.5, 0.6, 0.55))]  # n/2 <= m < n, homogeneous
+SHAPES = [
+    ((24, 16), (0.01, 1.0, 0.1)),  # m >= n: C^T C formed per task
+    ((10, 32), (0.01, 1.0, 0.1, 0.3)),  # 2m < n: (C C^T) C reassociation
+    ((16, 24), (0.5, 0.6, 0.55)),
+]  # n/2 <= m < n, homogeneous
 
 
 @pytest.mark.parametrize("shape,scales", SHAPES)
@@ -52,7 +54,9 @@ def test_cholesky_solve_with_rank_one_prior_matches_float64_solve():
     assert info.method == "cholesky" and 0 < info.rcond <= 1
     assert rel_err(got, expected) < 1e-4
     # rows are independent: blocks of rows give the same answer
-    assert rel_err(torch.cat([solver.solve(N[:3].float()), solver.solve(N[3:].float())]), got) < 1e-6
+    assert (
+        rel_err(torch.cat([solver.solve(N[:3].float()), solver.solve(N[3:].float())]), got) < 1e-6
+    )
 
 
 def test_cholesky_solve_declines_indefinite_or_singular_systems():
@@ -99,10 +103,13 @@ def test_blocked_gram_accumulation_is_exact_in_blocks():
 
 # Row blocks of 5 rows and no second [m, n] buffer: the streaming plan of the embeddings,
 # on tensors small enough to check against the float64 reference.
-@pytest.mark.parametrize("shape,scales", SHAPES + [((37, 8), (0.02, 1.0, 0.3)),
-                                                   ((37, 8), (0.5, 0.6, 0.55))])
-@pytest.mark.parametrize("kwargs", [{"eps": 1e-2, "gate_statistic": "gamma"}, {},
-                                    {"gate": "on"}, {"gate": "on", "prior": False}])
+@pytest.mark.parametrize(
+    "shape,scales", SHAPES + [((37, 8), (0.02, 1.0, 0.3)), ((37, 8), (0.5, 0.6, 0.55))]
+)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"eps": 1e-2, "gate_statistic": "gamma"}, {}, {"gate": "on"}, {"gate": "on", "prior": False}],
+)
 def test_blocked_and_streaming_plans_match_reference(shape, scales, kwargs, monkeypatch):
     base, experts = low_rank_experts(shape, scales)
     whole, _ = ace_merge(base, experts, **kwargs)
@@ -114,8 +121,9 @@ def test_blocked_and_streaming_plans_match_reference(shape, scales, kwargs, monk
     if 2 * shape[0] >= shape[1]:
         assert plan.block_rows == 5 and len(plan.blocks) > 1
         assert plan.keep_f == (diag.k == 0)
-    ref, branch = reference_ace(base, experts, **{"eps": "auto", "gate_statistic": "log_spread",
-                                                 **kwargs})
+    ref, branch = reference_ace(
+        base, experts, **{"eps": "auto", "gate_statistic": "log_spread", **kwargs}
+    )
     assert diag.branch == branch
     assert rel_err(out - base, ref - base.double()) < 2e-4
     assert rel_err(out - base, whole - base) < 1e-4
@@ -144,8 +152,13 @@ def test_estimate_keeps_its_keys_and_does_not_grow_with_experts():
     assert estimate_ace_cost((8,), 3)["bytes"] == 64
 
 
-LLAMA3_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096),
-             "down_proj": (4096, 14336), "embed_tokens": (128256, 4096)}
+LLAMA3_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "gate_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+    "embed_tokens": (128256, 4096),
+}
 
 
 @pytest.mark.parametrize("name", list(LLAMA3_8B))
@@ -163,14 +176,24 @@ def test_no_llama3_8b_tensor_needs_more_than_4_gib(name):
 
 def test_oom_decision_fits_falls_back_or_raises(caplog):
     shape, need = (4096, 14336), estimate_ace_cost((4096, 14336), 8)["bytes"]
-    assert not needs_cpu_fallback(shape, 8, 4, 2 * need, tensor_name="model.layers.0.mlp.down_proj.weight")
+    assert not needs_cpu_fallback(
+        shape, 8, 4, 2 * need, tensor_name="model.layers.0.mlp.down_proj.weight"
+    )
     with caplog.at_level(logging.WARNING, logger="mergekit_ace.kernels.ace"):
-        assert needs_cpu_fallback(shape, 8, 4, need // 2, tensor_name="model.layers.0.mlp.down_proj.weight")
+        assert needs_cpu_fallback(
+            shape, 8, 4, need // 2, tensor_name="model.layers.0.mlp.down_proj.weight"
+        )
     assert "model.layers.0.mlp.down_proj.weight" in caplog.text and "on the CPU" in caplog.text
     assert "[4096, 14336]" in caplog.text and "GiB is free" in caplog.text
     with pytest.raises(AceOutOfMemoryError, match=r"down_proj.*GiB.*oom_fallback: cpu"):
-        needs_cpu_fallback(shape, 8, 4, need // 2, policy="error",
-                           tensor_name="model.layers.0.mlp.down_proj.weight")
+        needs_cpu_fallback(
+            shape,
+            8,
+            4,
+            need // 2,
+            policy="error",
+            tensor_name="model.layers.0.mlp.down_proj.weight",
+        )
 
 
 def test_oom_fallback_parameter_is_validated_and_ignored_on_cpu():
@@ -203,8 +226,9 @@ def test_cuda_inputs_that_do_not_fit_are_merged_on_cpu(monkeypatch):
     assert diag.device == "cpu (fallback)"
     assert torch.equal(out.as_subclass(torch.Tensor), expected)
     with pytest.raises(AceOutOfMemoryError, match="'w'"):
-        ace_merge(fake_base, fake_experts, free_device_bytes=0, tensor_name="w",
-                  oom_fallback="error")
+        ace_merge(
+            fake_base, fake_experts, free_device_bytes=0, tensor_name="w", oom_fallback="error"
+        )
 
 
 def test_adapter_exposes_oom_fallback():
@@ -310,8 +334,9 @@ def test_symmetric_products_in_blocks_equal_full_products(width, dtype, monkeypa
             assert torch.equal(got[j0:j1, i0:i1], got[i0:i1, j0:j1].T)
         rows = linalg.gram(x.T.contiguous(), rows=True, precision=precision)
         assert rel_err(rows, full) < tol
-        acc = linalg.add_gram_(torch.zeros(width, width, dtype=dtype), x, alpha=2.0,
-                               precision=precision)
+        acc = linalg.add_gram_(
+            torch.zeros(width, width, dtype=dtype), x, alpha=2.0, precision=precision
+        )
         assert rel_err(acc, 2 * full) < tol
     assert rel_err(linalg.short_side_gram(x.T), full) < 1e-13  # wide: rows of the short side
 

@@ -129,7 +129,9 @@ def _tiny_model_experts(shape, seed):
     return base, experts
 
 
-@pytest.mark.parametrize("shape,seed", [((32, 64), 7), ((32, 64), 9), ((32, 128), 7), ((64, 32), 3)])
+@pytest.mark.parametrize(
+    "shape,seed", [((32, 64), 7), ((32, 64), 9), ((32, 128), 7), ((64, 32), 3)]
+)
 def test_float32_and_float64_agree(shape, seed):
     """The cutoff belongs to the method (``rtol``), not to the compute dtype: the same
     directions are kept in both, and the merges agree (they differed by up to 70 % when the

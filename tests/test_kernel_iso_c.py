@@ -11,7 +11,9 @@ from tests.helpers import well_conditioned_experts
 from tests.reference import rel_err
 
 
-@pytest.mark.parametrize("shape,count,lam", [((24, 16), 3, 1.0), ((16, 24), 2, 0.5), ((10, 10), 5, 1.3)])
+@pytest.mark.parametrize(
+    "shape,count,lam", [((24, 16), 3, 1.0), ((16, 24), 2, 0.5), ((10, 10), 5, 1.3)]
+)
 def test_kernel_matches_reference(shape, count, lam):
     base, experts = well_conditioned_experts(shape, count)
     out, diag = iso_c_merge(base, experts, lam=lam)

@@ -28,19 +28,23 @@ def test_kernel_matches_reference(shape, count, fraction, lam, budget):
     assert diag.branch == "iso_cts"
     assert (diag.k_common, diag.per_task) == budget and diag.rank == min(shape)
     assert rel_err(out.double() - base.double(), ref - base.double()) < 1e-5
-    out64, _ = iso_cts_merge(base.double(), [e.double() for e in experts],
-                             common_space_fraction=fraction, lam=lam)
+    out64, _ = iso_cts_merge(
+        base.double(), [e.double() for e in experts], common_space_fraction=fraction, lam=lam
+    )
     assert rel_err(out64 - base.double(), ref - base.double()) < 1e-12
 
 
-@pytest.mark.parametrize("r,tasks,fraction,budget", [
-    (32, 3, 0.8, (26, 2)),
-    (16, 3, 0.8, (13, 1)),
-    (4096, 8, 0.8, (3280, 102)),
-    (10, 3, 1.0, (10, 0)),
-    (2, 3, 0.0, (2, 0)),  # more tasks than rank: all common (the reference would go negative)
-    (5, 2, 0.0, (1, 2)),  # round(2.5) = 2 (half to even, as Python rounds)
-])
+@pytest.mark.parametrize(
+    "r,tasks,fraction,budget",
+    [
+        (32, 3, 0.8, (26, 2)),
+        (16, 3, 0.8, (13, 1)),
+        (4096, 8, 0.8, (3280, 102)),
+        (10, 3, 1.0, (10, 0)),
+        (2, 3, 0.0, (2, 0)),  # more tasks than rank: all common (the reference would go negative)
+        (5, 2, 0.0, (1, 2)),  # round(2.5) = 2 (half to even, as Python rounds)
+    ],
+)
 def test_rank_budget(r, tasks, fraction, budget):
     k, p = rank_budget(r, tasks, fraction)
     assert (k, p) == budget and k + tasks * p == r

@@ -29,7 +29,8 @@ def low_rank_experts(shape, seed=0, dtype=torch.float64):
     m, n = shape
     base = torch.randn(m, n, generator=g, dtype=torch.float64)
     deltas = [
-        0.01 * torch.randn(m, RANK, generator=g, dtype=torch.float64)
+        0.01
+        * torch.randn(m, RANK, generator=g, dtype=torch.float64)
         @ torch.randn(RANK, n, generator=g, dtype=torch.float64)
         for _ in range(TASKS)
     ]
@@ -45,7 +46,9 @@ def _outside(update, deltas, ones_column=False):
     the all-ones column for ACE, whose row-centring puts ``1 mu^T`` terms in the columns)."""
     k = RANK * TASKS
     rows = _orthonormal_span(torch.cat(deltas, dim=0).T, k)
-    col_parts = deltas + ([torch.ones(update.shape[0], 1, dtype=torch.float64)] if ones_column else [])
+    col_parts = deltas + (
+        [torch.ones(update.shape[0], 1, dtype=torch.float64)] if ones_column else []
+    )
     cols = _orthonormal_span(torch.cat(col_parts, dim=1), k + int(ones_column))
     norm = update.norm()
     return (

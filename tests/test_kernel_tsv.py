@@ -47,7 +47,9 @@ def test_mutually_orthogonal_task_vectors_are_summed():
     deltas = []
     for t in range(3):  # r = 9, T = 3, k = 3; task t lives on rows 4t..4t+3, columns 3t..3t+2
         d = torch.zeros(12, 9, dtype=torch.float64)
-        d[4 * t:4 * t + 4, 3 * t:3 * t + 3] = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        d[4 * t : 4 * t + 4, 3 * t : 3 * t + 3] = torch.randn(
+            4, 3, generator=g, dtype=torch.float64
+        )
         deltas.append(d)
     out, diag = tsv_merge(base, [base + d for d in deltas])
     assert diag.k == 3 and diag.rank == 9
@@ -57,7 +59,9 @@ def test_mutually_orthogonal_task_vectors_are_summed():
 def test_low_rank_task_vectors_contribute_only_their_rank():
     g = torch.Generator().manual_seed(2)
     base = torch.zeros(12, 12, dtype=torch.float64)
-    d1 = torch.randn(12, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 12, generator=g, dtype=torch.float64)
+    d1 = torch.randn(12, 1, generator=g, dtype=torch.float64) @ torch.randn(
+        1, 12, generator=g, dtype=torch.float64
+    )
     d2 = torch.randn(12, 12, generator=g, dtype=torch.float64)
     out, diag = tsv_merge(base, [d1, d2])
     assert diag.k == 6 and diag.kept == [1, 6]

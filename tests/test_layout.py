@@ -61,8 +61,13 @@ def test_kernels_do_not_import_mergekit():
 
 def test_the_package_has_no_import_circle():
     graph = package_graph()
-    assert {"mergekit_ace.registration", "mergekit_ace.kernels.ace.merge", "_mergekit_ace_autoload",
-            "mergekit_ace.inspect.run", "mergekit_ace.shapes"} <= set(graph)
+    assert {
+        "mergekit_ace.registration",
+        "mergekit_ace.kernels.ace.merge",
+        "_mergekit_ace_autoload",
+        "mergekit_ace.inspect.run",
+        "mergekit_ace.shapes",
+    } <= set(graph)
     done, path = set(), []
 
     def visit(module: str) -> None:
@@ -108,8 +113,9 @@ def test_no_function_body_is_longer_than_60_lines():
 
 def test_test_modules_do_not_import_each_other():
     tests = sorted((ROOT / "tests").glob("*.py"))
-    offenders = {p.name: sorted(n for n in imported_names(p) if n.startswith("tests.test_"))
-                 for p in tests}
+    offenders = {
+        p.name: sorted(n for n in imported_names(p) if n.startswith("tests.test_")) for p in tests
+    }
     assert {name: found for name, found in offenders.items() if found} == {}
 
 

@@ -36,19 +36,25 @@ def assert_matches(merged, expected, atol):
 def test_mergekit_yaml_ace_matches_kernel_and_loads(tiny_family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "parameters": {"eps": 1.0e-5, "gate_statistic": "gamma"},  # the paper's settings
-        "models": model_list(tiny_family, EXPERTS, {"expert_code": {"weight": 0.5}}),
-    })
+    cfg = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "parameters": {"eps": 1.0e-5, "gate_statistic": "gamma"},  # the paper's settings
+            "models": model_list(tiny_family, EXPERTS, {"expert_code": {"weight": 0.5}}),
+        },
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
     merged = load_state(out)
     expected, branches = kernel_merge(
-        tiny_family, EXPERTS, weights=[1.0, 0.5, 1.0],
-        params_for=lambda key: {"eps": 1e-5, "gate_statistic": "gamma"})
+        tiny_family,
+        EXPERTS,
+        weights=[1.0, 0.5, 1.0],
+        params_for=lambda key: {"eps": 1e-5, "gate_statistic": "gamma"},
+    )
     assert_matches(merged, expected, atol=1e-6)
     # the experts were built so that both branches occur
     assert {"heterogeneous", "homogeneous", "mean"} <= set(branches.values())
@@ -63,18 +69,21 @@ def test_mergekit_yaml_ace_matches_kernel_and_loads(tiny_family, tmp_path):
 
 
 def test_per_tensor_eps_filter_and_shared_parameters(tiny_family, tmp_path):
-    cfg = write_config(tmp_path / "ace_filters.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "parameters": {
-            "eps": [{"filter": "mlp", "value": 1.0e-2}, {"value": "1e-6"}],
-            "gate": "on",  # YAML would also read a bare `on` as a boolean
-            "k_frac": 0.5,
-            "lambda": 0.8,
+    cfg = write_config(
+        tmp_path / "ace_filters.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "parameters": {
+                "eps": [{"filter": "mlp", "value": 1.0e-2}, {"value": "1e-6"}],
+                "gate": "on",  # YAML would also read a bare `on` as a boolean
+                "k_frac": 0.5,
+                "lambda": 0.8,
+            },
+            "models": model_list(tiny_family, EXPERTS),
         },
-        "models": model_list(tiny_family, EXPERTS),
-    })
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
 
@@ -85,7 +94,11 @@ def test_per_tensor_eps_filter_and_shared_parameters(tiny_family, tmp_path):
     assert_matches(load_state(out), expected, atol=1e-6)
     # the filter mattered: the default eps gives a different mlp tensor
     key = "model.layers.0.mlp.down_proj.weight"
-    other, _ = kernel_merge(tiny_family, EXPERTS, params_for=lambda k: {"eps": 1e-6, "gate": "on", "k_frac": 0.5, "lam": 0.8})
+    other, _ = kernel_merge(
+        tiny_family,
+        EXPERTS,
+        params_for=lambda k: {"eps": 1e-6, "gate": "on", "k_frac": 0.5, "lam": 0.8},
+    )
     assert not torch.allclose(other[key], expected[key], atol=1e-6)
 
 
@@ -98,18 +111,23 @@ def test_yaml_boolean_gate_off(tiny_family, tmp_path):
     )
     out = tmp_path / "out"
     mergekit_yaml(path, out)
-    expected, branches = kernel_merge(tiny_family, EXPERTS, params_for=lambda k: {"gate": "off", "prior": False})
+    expected, branches = kernel_merge(
+        tiny_family, EXPERTS, params_for=lambda k: {"gate": "off", "prior": False}
+    )
     assert "heterogeneous" not in branches.values()
     assert_matches(load_state(out), expected, atol=1e-6)
 
 
 def test_bfloat16_run(tiny_family, tmp_path):
-    cfg = write_config(tmp_path / "ace_bf16.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "bfloat16",
-        "models": model_list(tiny_family, EXPERTS),
-    })
+    cfg = write_config(
+        tmp_path / "ace_bf16.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "bfloat16",
+            "models": model_list(tiny_family, EXPERTS),
+        },
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
     expected, _ = kernel_merge(tiny_family, EXPERTS, dtype=torch.bfloat16)
@@ -119,13 +137,16 @@ def test_bfloat16_run(tiny_family, tmp_path):
 
 def test_vocabulary_aligned_by_mergekit_tokenizer(tiny_family, tmp_path):
     names = EXPERTS + ["expert_tokens"]
-    cfg = write_config(tmp_path / "ace_tokens.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "tokenizer": {"source": "union"},
-        "models": model_list(tiny_family, names),
-    })
+    cfg = write_config(
+        tmp_path / "ace_tokens.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "tokenizer": {"source": "union"},
+            "models": model_list(tiny_family, names),
+        },
+    )
     out = tmp_path / "out"
     mergekit_yaml(cfg, out)
     merged = load_state(out)
@@ -136,7 +157,9 @@ def test_vocabulary_aligned_by_mergekit_tokenizer(tiny_family, tmp_path):
     from transformers import AutoTokenizer
 
     merged_ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<tool>", "</tool>"])
-    source_ids = AutoTokenizer.from_pretrained(tiny_family["expert_tokens"]).convert_tokens_to_ids(["<tool>", "</tool>"])
+    source_ids = AutoTokenizer.from_pretrained(tiny_family["expert_tokens"]).convert_tokens_to_ids(
+        ["<tool>", "</tool>"]
+    )
     assert sorted(merged_ids) == [128, 129] and source_ids == [128, 129]
     order = [source_ids[merged_ids.index(i)] for i in (128, 129)]
     base = load_state(tiny_family["base"])
@@ -144,7 +167,9 @@ def test_vocabulary_aligned_by_mergekit_tokenizer(tiny_family, tmp_path):
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         donor = experts[-1][key][order]
         experts[-1][key] = torch.cat([experts[-1][key][:128], donor])
-        aligned = [torch.cat([e[key][:128], donor]) if e[key].shape[0] == 128 else e[key] for e in experts]
+        aligned = [
+            torch.cat([e[key][:128], donor]) if e[key].shape[0] == 128 else e[key] for e in experts
+        ]
         expected, diag = ace_merge(torch.cat([base[key], donor]), aligned)
         assert merged[key].shape == (130, 32)
         assert torch.allclose(merged[key], expected, atol=1e-6), key
@@ -152,11 +177,14 @@ def test_vocabulary_aligned_by_mergekit_tokenizer(tiny_family, tmp_path):
 
 
 def test_missing_base_model_fails_before_loading(tiny_family, tmp_path):
-    cfg = write_config(tmp_path / "nobase.yml", {
-        "merge_method": "ace",
-        "dtype": "float32",
-        "models": model_list(tiny_family, EXPERTS),
-    })
+    cfg = write_config(
+        tmp_path / "nobase.yml",
+        {
+            "merge_method": "ace",
+            "dtype": "float32",
+            "models": model_list(tiny_family, EXPERTS),
+        },
+    )
     result = mergekit_yaml(cfg, tmp_path / "out", check=False)
     assert result.returncode != 0
     assert "ace needs a base model" in result.stderr
@@ -173,8 +201,17 @@ def run_merge_in_process(config: dict, out):
     run_merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True))
 
 
-@pytest.mark.parametrize("param,value", [("k_frac", 1.5), ("eps", -1), ("gate", "sometimes"),
-                                         ("tau", "abc"), ("refine", "maybe"), ("eps", "autoo")])
+@pytest.mark.parametrize(
+    "param,value",
+    [
+        ("k_frac", 1.5),
+        ("eps", -1),
+        ("gate", "sometimes"),
+        ("tau", "abc"),
+        ("refine", "maybe"),
+        ("eps", "autoo"),
+    ],
+)
 def test_bad_parameter_is_named_before_merging(tiny_family, tmp_path, param, value):
     config = {
         "merge_method": "ace",
@@ -208,10 +245,15 @@ def test_library_errors_name_the_tensor(monkeypatch):
 
     base = torch.randn(24, 16)
     experts = [base + s * torch.randn(24, 16) for s in (0.01, 1.0, 0.1)]
-    group = TensorGroup.from_tensors([base, *experts], base_index=0, name="model.layers.3.mlp.up_proj.weight")
+    group = TensorGroup.from_tensors(
+        [base, *experts], base_index=0, name="model.layers.3.mlp.up_proj.weight"
+    )
     monkeypatch.setattr(torch.linalg, "svd", failing_svd)
     monkeypatch.setattr(torch.linalg, "eigh", failing_svd)
-    with pytest.raises(RuntimeError, match=r"ace failed on tensor 'model\.layers\.3\.mlp\.up_proj\.weight'.*converge"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"ace failed on tensor 'model\.layers\.3\.mlp\.up_proj\.weight'.*converge",
+    ):
         our_method("ace")([group], parameters={"gate": "on"})
 
 
@@ -224,12 +266,15 @@ def test_base_resaved_in_bf16_is_left_out_with_a_warning(tiny_family, tmp_path):
     noise_path = tmp_path / "base_as_bf16"
     save_model(noise_path, {k: v.to(torch.bfloat16).float() for k, v in base.items()}, TINY)
     paths = dict(tiny_family, base_as_bf16=noise_path)
-    cfg = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace",
-        "base_model": str(paths["base"]),
-        "dtype": "float32",
-        "models": model_list(paths, EXPERTS + ["base_as_bf16"]),
-    })
+    cfg = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(paths["base"]),
+            "dtype": "float32",
+            "models": model_list(paths, EXPERTS + ["base_as_bf16"]),
+        },
+    )
     out = tmp_path / "out"
     result = mergekit_yaml(cfg, out)
     expected, _ = kernel_merge(paths, EXPERTS)
@@ -244,13 +289,16 @@ def test_mergekit_yaml_warns_when_float32_cannot_hold_a_fixed_eps(tiny_family, t
     import re
 
     names = ["expert_math", "expert_chat"]
-    cfg = write_config(tmp_path / "ace.yml", {
-        "merge_method": "ace",
-        "base_model": str(tiny_family["base"]),
-        "dtype": "float32",
-        "parameters": {"eps": 1.0e-8},
-        "models": model_list(tiny_family, names),
-    })
+    cfg = write_config(
+        tmp_path / "ace.yml",
+        {
+            "merge_method": "ace",
+            "base_model": str(tiny_family["base"]),
+            "dtype": "float32",
+            "parameters": {"eps": 1.0e-8},
+            "models": model_list(tiny_family, names),
+        },
+    )
     result = mergekit_yaml(cfg, tmp_path / "out")
     expected, _ = kernel_merge(tiny_family, names, params_for=lambda key: {"eps": 1e-8})
     assert_matches(load_state(tmp_path / "out"), expected, atol=1e-6)
@@ -258,6 +306,8 @@ def test_mergekit_yaml_warns_when_float32_cannot_hold_a_fixed_eps(tiny_family, t
         r"ACE: tensor 'model\.layers\.\d\.(self_attn\.[kv]|mlp\.down)_proj\.weight' "
         r"\(\[\d+, \d+\], 2 experts, eps 1e-08\): its system's condition number is about "
         r"[0-9.e+]+(,| and the spectral refinement[^.]*), so float32 round-off can change the "
-        r"merged update by (up to \d+% of its size|more than its own size)", result.stderr)
+        r"merged update by (up to \d+% of its size|more than its own size)",
+        result.stderr,
+    )
     assert warning is not None, result.stderr[-3000:]
     assert "`eps: auto`" in result.stderr and "`dtype: float64`" in result.stderr

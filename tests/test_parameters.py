@@ -24,10 +24,20 @@ from mergekit_ace.kernels.tsv import TSV_PARAMETERS, tsv_merge
 from mergekit_ace.methods import our_method
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"ace": ACE_PARAMETERS, "actmat": ACTMAT_PARAMETERS, "tsv": TSV_PARAMETERS,
-          "iso_c": ISO_C_PARAMETERS, "iso_cts": ISO_CTS_PARAMETERS}
-KERNELS = {"ace": ace_merge, "actmat": actmat_merge, "tsv": tsv_merge, "iso_c": iso_c_merge,
-           "iso_cts": iso_cts_merge}
+TABLES = {
+    "ace": ACE_PARAMETERS,
+    "actmat": ACTMAT_PARAMETERS,
+    "tsv": TSV_PARAMETERS,
+    "iso_c": ISO_C_PARAMETERS,
+    "iso_cts": ISO_CTS_PARAMETERS,
+}
+KERNELS = {
+    "ace": ace_merge,
+    "actmat": actmat_merge,
+    "tsv": tsv_merge,
+    "iso_c": iso_c_merge,
+    "iso_cts": iso_cts_merge,
+}
 SHARED_VALUES = {
     "drop_noise": [True, False, "no", 2],
     "lambda": [1.0, -0.5, "0.5", math.inf, "x", True],
@@ -68,8 +78,11 @@ def kernel_defaults(method: str) -> dict:
     """The defaults of the kernel's keyword arguments, the shared frame's included."""
     frame = {} if method == "ace" else inspect.signature(merge_tensor).parameters
     own = inspect.signature(KERNELS[method]).parameters
-    return {name: p.default for name, p in {**frame, **own}.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in {**frame, **own}.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 @pytest.mark.parametrize("method", sorted(TABLES))
@@ -85,8 +98,9 @@ def test_kernel_and_adapter_defaults_are_the_table(method):
     assert set(VALUES[method]) | set(SHARED_VALUES) | {"weight"} >= {p.name for p in table}
 
 
-@pytest.mark.parametrize("method,name", [(m, n) for m in sorted(TABLES)
-                                         for n in sorted({**VALUES[m], **SHARED_VALUES})])
+@pytest.mark.parametrize(
+    "method,name", [(m, n) for m in sorted(TABLES) for n in sorted({**VALUES[m], **SHARED_VALUES})]
+)
 def test_kernel_and_adapter_accept_and_refuse_the_same_values(method, name):
     """The adapter's value (after its check) reaches the kernel; a value it refuses is refused
     by the kernel too, with the same message."""
@@ -107,7 +121,7 @@ def rendered(value) -> str:
 
 def test_readme_table_gives_ace_table_defaults_and_scopes():
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### Parameters"):readme.index("## Documentation")]
+    table = readme[readme.index("### Parameters") : readme.index("## Documentation")]
     rows = re.findall(r"^\| `(\w+)` \| ([\w ]+) \| `([^`]+)` \|", table, flags=re.M)
     assert sorted(name for name, _, _ in rows) == sorted(p.name for p in ACE_PARAMETERS)
     for name, scope, default in rows:
@@ -119,10 +133,18 @@ def test_readme_table_gives_ace_table_defaults_and_scopes():
 def test_family_page_gives_the_tables_defaults():
     family = (ROOT / "docs" / "family.md").read_text()
     stated = re.findall(r"`(\w+)`(?:\s+in \[[^\]]*\])?\s+\(default\s+`?([\w.]+)`?", family)
-    assert {name for name, _ in stated} >= {"lambda", "drop_noise", "rtol",
-                                             "common_space_fraction", "weight"}
-    defaults = {p.name: rendered(p.default) for m in ("actmat", "tsv", "iso_c", "iso_cts")
-                for p in TABLES[m]}
+    assert {name for name, _ in stated} >= {
+        "lambda",
+        "drop_noise",
+        "rtol",
+        "common_space_fraction",
+        "weight",
+    }
+    defaults = {
+        p.name: rendered(p.default)
+        for m in ("actmat", "tsv", "iso_c", "iso_cts")
+        for p in TABLES[m]
+    }
     for name, default in stated:
         assert default == defaults[name], name
 

@@ -31,8 +31,13 @@ def test_python_api_examples(tiny_family, tmp_path, monkeypatch):
     written = load_state(tmp_path / "merged")
     assert set(scope["merged"]) == set(base) == set(written)
     for key, w0 in base.items():
-        expected, _ = ace_merge(w0.float(), [e[key].float() for e in experts],
-                                weights=[1.0, 0.5], eps="auto", k_frac=0.3)
+        expected, _ = ace_merge(
+            w0.float(),
+            [e[key].float() for e in experts],
+            weights=[1.0, 0.5],
+            eps="auto",
+            k_frac=0.3,
+        )
         assert torch.allclose(scope["merged"][key], expected, rtol=0, atol=1e-6), key
         assert torch.allclose(written[key], expected, rtol=0, atol=1e-6), key
     name = scope["name"]

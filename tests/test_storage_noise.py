@@ -57,7 +57,8 @@ def _noise_cases():
         "saved as fp16": (base, base.to(torch.float16)),
         # a bf16 checkpoint re-saved after a perturbation far below bf16's precision
         "bf16 base + 1e-6 noise, saved as bf16": (
-            bf16, (bf16.float() + 1e-6 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
+            bf16,
+            (bf16.float() + 1e-6 * torch.randn(base.shape, generator=g)).to(torch.bfloat16),
         ),
     }
 
@@ -131,16 +132,20 @@ def test_warning_names_model_and_tensor_once_per_model(caplog):
     base, experts, _ = _real_experts()
     names = ["a", "b", "c", "base_in_bf16"]
     with caplog.at_level(logging.DEBUG, logger="mergekit_ace.kernels.reports"):
-        tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.0.w",
-                  expert_names=names)
-        tsv_merge(base, experts + [base.to(torch.bfloat16)], tensor_name="layer.1.w",
-                  expert_names=names)
+        tsv_merge(
+            base, experts + [base.to(torch.bfloat16)], tensor_name="layer.0.w", expert_names=names
+        )
+        tsv_merge(
+            base, experts + [base.to(torch.bfloat16)], tensor_name="layer.1.w", expert_names=names
+        )
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     text = warnings[0].getMessage()
     assert "base_in_bf16" in text and "'layer.0.w'" in text and "bfloat16" in text
     assert "drop_noise: false" in text
-    later = [r for r in caplog.records if r.levelno == logging.DEBUG and "layer.1.w" in r.getMessage()]
+    later = [
+        r for r in caplog.records if r.levelno == logging.DEBUG and "layer.1.w" in r.getMessage()
+    ]
     assert len(later) == 1
 
 

@@ -69,7 +69,9 @@ def structured_delta(tensor: torch.Tensor, scale: float, gen: torch.Generator) -
     return scale * torch.randn(tensor.shape, generator=gen)
 
 
-def build_tiny_family(root: Path, *, extra_token_expert: bool = False, seed: int = 0) -> Dict[str, Path]:
+def build_tiny_family(
+    root: Path, *, extra_token_expert: bool = False, seed: int = 0
+) -> Dict[str, Path]:
     """Base + three experts (base + structured deltas of uneven scale) under ``root``.
 
     With ``extra_token_expert`` a fourth expert, ``expert_tokens``, adds two tokens to the
@@ -84,13 +86,17 @@ def build_tiny_family(root: Path, *, extra_token_expert: bool = False, seed: int
     save_model(paths["base"], base_state, TINY)
     gen = torch.Generator().manual_seed(seed + 1)
     for name, scale in EXPERT_SCALES.items():
-        state = {k: v + structured_delta(v, expert_scale(k, scale), gen) for k, v in base_state.items()}
+        state = {
+            k: v + structured_delta(v, expert_scale(k, scale), gen) for k, v in base_state.items()
+        }
         paths[name] = root / name
         save_model(paths[name], state, TINY)
     if extra_token_expert:
         state = {k: v + structured_delta(v, 0.02, gen) for k, v in base_state.items()}
         for key in ("model.embed_tokens.weight", "lm_head.weight"):
-            state[key] = torch.cat([state[key], 0.02 * torch.randn(2, TINY["hidden_size"], generator=gen)])
+            state[key] = torch.cat(
+                [state[key], 0.02 * torch.randn(2, TINY["hidden_size"], generator=gen)]
+            )
         cfg = dict(TINY, vocab_size=TINY["vocab_size"] + 2)
         paths["expert_tokens"] = root / "expert_tokens"
         save_model(paths["expert_tokens"], state, cfg, extra_tokens=("<tool>", "</tool>"))

@@ -40,8 +40,14 @@ class GenSet:
     description: str = ""
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup=self.warmup, max_text_tokens=self.seq, seed=seed)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup=self.warmup,
+            max_text_tokens=self.seq,
+            seed=seed,
+        )
 
 
 # The second seed's all-experts merges: the swept methods and ACE with the paper's settings.
@@ -49,7 +55,14 @@ LATER_SEED_METHODS = SWEEP_METHODS + ("ace (paper: eps=1e-5, gamma)", "task_arit
 
 GEN_SETS: Dict[str, GenSet] = {
     "generative": GenSet(
-        "generative", DOMAINS, steps=12, lr=2e-4, batch_size=4, seq=64, heldout=24, warmup=2,
+        "generative",
+        DOMAINS,
+        steps=12,
+        lr=2e-4,
+        batch_size=4,
+        seq=64,
+        heldout=24,
+        warmup=2,
         description="6 domains, 12 steps x 4 windows of 64 tokens, lr 2e-4 (cosine, 2 "
         "warm-up steps); 24 held-out documents of up to 64 tokens per domain",
         later_seed_methods=LATER_SEED_METHODS,

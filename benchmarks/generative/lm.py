@@ -26,8 +26,13 @@ def encode_docs(tokenizer, texts: Sequence[str], max_tokens: int) -> List[List[i
     return [[start] + tokenizer.encode(t, add_special_tokens=False)[:max_tokens] for t in texts]
 
 
-def lm_fine_tune(model, tokenizer, domain: Domain, cfg: TrainConfig,
-                 progress: Optional[Callable[[int, float], None]] = None) -> List[float]:
+def lm_fine_tune(
+    model,
+    tokenizer,
+    domain: Domain,
+    cfg: TrainConfig,
+    progress: Optional[Callable[[int, float], None]] = None,
+) -> List[float]:
     """Next-token cross-entropy on windows of ``cfg.max_text_tokens + 1`` tokens cut from the
     domain's training documents, packed end to end in a seeded order."""
     torch.manual_seed(cfg.seed)
@@ -51,14 +56,16 @@ def lm_fine_tune(model, tokenizer, domain: Domain, cfg: TrainConfig,
         ids = torch.tensor([next_window() for _ in range(cfg.batch_size)])
         logits = model(input_ids=ids[:, :-1]).logits
         return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
 
     return optimize(model, cfg, step_loss, progress)
 
 
 @torch.no_grad()
-def doc_scores(model, tokenizer, texts: Sequence[str], max_tokens: int,
-               batch_size: int = 16) -> Dict[str, List[float]]:
+def doc_scores(
+    model, tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int = 16
+) -> Dict[str, List[float]]:
     """Per document: mean next-token loss (nats) and top-1 accuracy over its predicted tokens."""
     seqs = encode_docs(tokenizer, texts, max_tokens)
     if any(len(s) < 2 for s in seqs):
@@ -68,12 +75,11 @@ def doc_scores(model, tokenizer, texts: Sequence[str], max_tokens: int,
     acc = [0.0] * len(seqs)
     model.eval()
     for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
+        idx = order[b : b + batch_size]
         ids, mask, _ = pad_batch([seqs[i] for i in idx], padding_id(tokenizer))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target, valid = ids[:, 1:], mask[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), target, reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
         hit = (logits.argmax(-1) == target).float()
         n = valid.sum(1)
         for k, i in enumerate(idx):

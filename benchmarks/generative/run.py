@@ -52,13 +52,18 @@ def method_rows(methods: Sequence[str], size: int) -> List[Tuple[str, MethodSpec
     labels = {canonical_label(s, size) for s in specs}
     picked: List[MethodSpec] = []
     for key in methods:
-        picked += [s for s in specs if s not in picked and (
-            canonical_label(s, size) == key if key in labels else s.group == key)]
+        picked += [
+            s
+            for s in specs
+            if s not in picked
+            and (canonical_label(s, size) == key if key in labels else s.group == key)
+        ]
     return [(canonical_label(s, size), s) for s in select(picked)]
 
 
-def sweep_subsets(domains: Sequence[str], sizes: Sequence[int], per_size: int,
-                  seed: int) -> Dict[int, List[Tuple[str, ...]]]:
+def sweep_subsets(
+    domains: Sequence[str], sizes: Sequence[int], per_size: int, seed: int
+) -> Dict[int, List[Tuple[str, ...]]]:
     """``per_size`` distinct random subsets of each size, the same for every training seed."""
     out = {}
     for size in sizes:
@@ -90,14 +95,22 @@ def row_key(seed: int, subset: Sequence[str], label: str, domains: Sequence[str]
 
 def data_signature(gs: GenSet, domains: Sequence[Domain]) -> Dict:
     held = hashlib.sha1("\x00".join(t for d in domains for t in d.heldout).encode()).hexdigest()
-    return {"set": gs.name, "domains": [d.name for d in domains], "heldout": gs.heldout,
-            "seq": gs.seq, "data_seed": gs.data_seed, "heldout_sha1": held[:16],
-            "train": {str(s): gs.train_config(s).key() for s in gs.train_seeds}}
+    return {
+        "set": gs.name,
+        "domains": [d.name for d in domains],
+        "heldout": gs.heldout,
+        "seq": gs.seq,
+        "data_seed": gs.data_seed,
+        "heldout_sha1": held[:16],
+        "train": {str(s): gs.train_config(s).key() for s in gs.train_seeds},
+    }
 
 
 def _rounded(scores: Dict[str, List[float]]) -> Dict[str, List[float]]:
-    return {"loss": [round(x, 5) for x in scores["loss"]],
-            "acc": [round(x, 4) for x in scores["acc"]]}
+    return {
+        "loss": [round(x, 5) for x in scores["loss"]],
+        "acc": [round(x, 4) for x in scores["acc"]],
+    }
 
 
 def score_domains(model, tok, domains: Sequence[Domain], seq: int) -> Dict[str, Dict]:
@@ -119,19 +132,28 @@ def _save(path: Path, results: Dict, mine: set) -> None:
                     if k not in mine:
                         results["rows"][k] = v
                 ids = {(r["started"], r.get("pid")) for r in results["runs"]}
-                results["runs"] += [r for r in disk.get("runs", [])
-                                    if (r["started"], r.get("pid")) not in ids]
+                results["runs"] += [
+                    r for r in disk.get("runs", []) if (r["started"], r.get("pid")) not in ids
+                ]
                 results["runs"].sort(key=lambda r: r["started"])
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=0))
         os.replace(tmp, path)
 
 
-def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
-        base_dir: Optional[Path] = None, domains: Optional[List[Domain]] = None,
-        report: bool = True, phases: Optional[Sequence[str]] = None,
-        seeds: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None,
-        log=print) -> Dict:
+def run(
+    gs: GenSet,
+    *,
+    cache: Path = CACHE,
+    results_path: Optional[Path] = None,
+    base_dir: Optional[Path] = None,
+    domains: Optional[List[Domain]] = None,
+    report: bool = True,
+    phases: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    sizes: Optional[Sequence[int]] = None,
+    log=print,
+) -> Dict:
     """Run (or resume) the grid of ``gs`` (only ``phases`` -- experts, full, sweep --, training
     ``seeds`` and sweep ``sizes`` when given); returns the results dict (saved as JSON).
     Processes running different parts at once share the JSON file safely."""
@@ -148,12 +170,17 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
     results.setdefault("rows", {})
     results.setdefault("runs", [])
     results["description"] = gs.description
-    results["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    results["subsets"] = {str(k): [list(s) for s in v] for k, v in sweep_subsets(
-        names, gs.sweep_sizes, gs.sweep_subsets, gs.subset_seed).items()}
-    this_run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
-                "seconds": 0.0}
+    results["machine"] = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    results["subsets"] = {
+        str(k): [list(s) for s in v]
+        for k, v in sweep_subsets(names, gs.sweep_sizes, gs.sweep_subsets, gs.subset_seed).items()
+    }
+    this_run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "seconds": 0.0}
     results["runs"].append(this_run)
     rows = results["rows"]
     mine: set = set()
@@ -166,8 +193,10 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
     tok = load_tokenizer(base_dir)
     if "base" not in rows:
         t0 = time.perf_counter()
-        rows["base"] = {"kind": "base", "scores": score_domains(load_model(base_dir), tok,
-                                                                 domains, gs.seq)}
+        rows["base"] = {
+            "kind": "base",
+            "scores": score_domains(load_model(base_dir), tok, domains, gs.seq),
+        }
         rows["base"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
         save("base")
     experts: Dict[int, Dict[str, Path]] = {}
@@ -189,10 +218,14 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
                 t0 = time.perf_counter()
                 meta = json.loads((out / "expert.json").read_text())
                 on = domains if seed in gs.cross_seeds else [d]
-                rows[label] = {"kind": "expert", "seed": seed, "domain": d.name,
-                               "train_seconds": round(meta["seconds"], 1),
-                               "train_losses": [round(x, 4) for x in meta["losses"]],
-                               "scores": score_domains(load_model(out), tok, on, gs.seq)}
+                rows[label] = {
+                    "kind": "expert",
+                    "seed": seed,
+                    "domain": d.name,
+                    "train_seconds": round(meta["seconds"], 1),
+                    "train_losses": [round(x, 4) for x in meta["losses"]],
+                    "scores": score_domains(load_model(out), tok, on, gs.seq),
+                }
                 rows[label]["eval_seconds"] = round(time.perf_counter() - t0, 1)
                 save(label)
                 log(f"scored {label}")
@@ -211,19 +244,32 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
                 methods = gs.later_seed_methods
             jobs = [(tuple(names), m) for m in methods]
         else:
-            jobs = [(subsets[size][rnd], m) for size in gs.sweep_sizes
-                    if rnd < len(subsets[size]) and (sizes is None or size in sizes)
-                    for m in gs.sweep_methods]
+            jobs = [
+                (subsets[size][rnd], m)
+                for size in gs.sweep_sizes
+                if rnd < len(subsets[size]) and (sizes is None or size in sizes)
+                for m in gs.sweep_methods
+            ]
         for subset, method in jobs:
             for label, spec in method_rows([method], len(subset)):
                 key = row_key(seed, subset, label, names)
                 old = rows.get(key)
                 if old and old.get("key") == spec.key() and "error" not in old:
                     continue
-                _merge_and_score(rows, key, label, spec, seed, subset, base_dir,
-                                 [ensure(seed)[n] for n in subset],
-                                 [by_name[n] for n in subset], tok, gs.seq,
-                                 cache / "merged" / f"gen-{gs.name}")
+                _merge_and_score(
+                    rows,
+                    key,
+                    label,
+                    spec,
+                    seed,
+                    subset,
+                    base_dir,
+                    [ensure(seed)[n] for n in subset],
+                    [by_name[n] for n in subset],
+                    tok,
+                    gs.seq,
+                    cache / "merged" / f"gen-{gs.name}",
+                )
                 save(key)
                 log(f"{key}: {rows[key].get('merge_seconds', 'failed')} s merge")
     save()
@@ -234,18 +280,48 @@ def run(gs: GenSet, *, cache: Path = CACHE, results_path: Optional[Path] = None,
     return results
 
 
-def _merge_and_score(rows, key, label, spec, seed, subset, base_dir, expert_dirs, domains,
-                     tok, seq, merged_root: Path) -> None:
+def _merge_and_score(
+    rows,
+    key,
+    label,
+    spec,
+    seed,
+    subset,
+    base_dir,
+    expert_dirs,
+    domains,
+    tok,
+    seq,
+    merged_root: Path,
+) -> None:
     out_dir = merged_root / key.replace(" | ", "_").replace(" ", "").replace("/", "-")
-    cfg = merge_config(spec.method, base_dir if spec.base else None, expert_dirs,
-                       spec.parameters, spec.model_parameters)
-    row = {"kind": "merge", "seed": seed, "subset": list(subset), "label": label,
-           "method": spec.method, "key": spec.key(), "parameters": spec.parameters,
-           "model_parameters": spec.model_parameters}
+    cfg = merge_config(
+        spec.method,
+        base_dir if spec.base else None,
+        expert_dirs,
+        spec.parameters,
+        spec.model_parameters,
+    )
+    row = {
+        "kind": "merge",
+        "seed": seed,
+        "subset": list(subset),
+        "label": label,
+        "method": spec.method,
+        "key": spec.key(),
+        "parameters": spec.parameters,
+        "model_parameters": spec.model_parameters,
+    }
     try:
-        row["merge_seconds"] = round(run_mergekit(
-            cfg, out_dir, seed=0 if spec.seeded else None,
-            log=out_dir.parent / (out_dir.name + ".log")), 1)
+        row["merge_seconds"] = round(
+            run_mergekit(
+                cfg,
+                out_dir,
+                seed=0 if spec.seeded else None,
+                log=out_dir.parent / (out_dir.name + ".log"),
+            ),
+            1,
+        )
     except RuntimeError as exc:
         shutil.rmtree(out_dir, ignore_errors=True)
         rows[key] = {**row, "error": str(exc)[-500:]}
@@ -261,13 +337,24 @@ def _merge_and_score(rows, key, label, spec, seed, subset, base_dir, expert_dirs
 
 
 def quick_set() -> GenSet:
-    return GenSet("generative-quick", ("alpha", "beta", "gamma"), steps=30, lr=1e-2,
-                  batch_size=8, seq=16, heldout=15, train_seeds=(0, 1),
-                  full_methods=("ace", "task_arithmetic (lambda=1)"),
-                  later_seed_methods=("ace",),
-                  sweep_methods=("ace", "ties"), sweep_sizes=(2,), sweep_subsets=1,
-                  sweep_seeds=(0,), warmup=2,
-                  description="tiny stand-ins: a random 2-layer Llama, 3 synthetic domains")
+    return GenSet(
+        "generative-quick",
+        ("alpha", "beta", "gamma"),
+        steps=30,
+        lr=1e-2,
+        batch_size=8,
+        seq=16,
+        heldout=15,
+        train_seeds=(0, 1),
+        full_methods=("ace", "task_arithmetic (lambda=1)"),
+        later_seed_methods=("ace",),
+        sweep_methods=("ace", "ties"),
+        sweep_sizes=(2,),
+        sweep_subsets=1,
+        sweep_seeds=(0,),
+        warmup=2,
+        description="tiny stand-ins: a random 2-layer Llama, 3 synthetic domains",
+    )
 
 
 def run_quick(root: Path, report: bool = True, log=print) -> Dict:
@@ -280,8 +367,15 @@ def run_quick(root: Path, report: bool = True, log=print) -> Dict:
     base_dir = root / "base"
     if not (base_dir / "model.safetensors").exists():
         make_tiny_llama(base_dir, words)
-    results = run(gs, cache=root / "cache", results_path=root / "results.json",
-                  base_dir=base_dir, domains=domains, report=False, log=log)
+    results = run(
+        gs,
+        cache=root / "cache",
+        results_path=root / "results.json",
+        base_dir=base_dir,
+        domains=domains,
+        report=False,
+        log=log,
+    )
     if report:
         from benchmarks.generative.report import write_report
 
@@ -292,14 +386,25 @@ def run_quick(root: Path, report: bool = True, log=print) -> Dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="generative", choices=sorted(GEN_SETS))
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny stand-ins under benchmarks/cache/generative-quick (seconds)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: all cores; 1 is faster on a busy machine)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny stand-ins under benchmarks/cache/generative-quick (seconds)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all cores; 1 is faster on a busy machine)",
+    )
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--phases", nargs="*", choices=("experts", "full", "sweep"),
-                    help="run only these phases (default: all); several processes may run "
-                    "different phases at once")
+    ap.add_argument(
+        "--phases",
+        nargs="*",
+        choices=("experts", "full", "sweep"),
+        help="run only these phases (default: all); several processes may run "
+        "different phases at once",
+    )
     ap.add_argument("--seeds", nargs="*", type=int, help="only these training seeds")
     ap.add_argument("--sizes", nargs="*", type=int, help="only these subset sizes T (sweep)")
     args = ap.parse_args(argv)

@@ -38,7 +38,8 @@ def _same(steps: int, lr: float, tasks=TASKS) -> Dict[str, TrainConfig]:
 
 EXPERT_SETS: Dict[str, ExpertSet] = {
     "main": ExpertSet(
-        "main", _same(30, 5e-5),
+        "main",
+        _same(30, 5e-5),
         description="4 tasks, 30 steps x 8 examples each, lr 5e-5 (cosine, 5 warm-up steps)",
     ),
     "uneven": ExpertSet(
@@ -53,7 +54,10 @@ EXPERT_SETS: Dict[str, ExpertSet] = {
         "5e-5, language 15 at 2e-5, supersense 30 at 1e-5",
     ),
     "quick": ExpertSet(
-        "quick", _same(20, 5e-5, ("sentiment", "language")), heldout=80, train_pool=400,
+        "quick",
+        _same(20, 5e-5, ("sentiment", "language")),
+        heldout=80,
+        train_pool=400,
         description="2 tasks, 20 steps each, 80 held-out examples per task",
     ),
 }

@@ -111,8 +111,14 @@ def load_language() -> Tuple[str, List[str], List[Example]]:
 
 # WordNet lexicographer file number -> label word
 SUPERSENSES = {
-    4: "action", 5: "animal", 6: "object", 10: "communication",
-    15: "place", 18: "person", 20: "plant", 26: "state",
+    4: "action",
+    5: "animal",
+    6: "object",
+    10: "communication",
+    15: "place",
+    18: "person",
+    20: "plant",
+    26: "state",
 }
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
 
@@ -132,7 +138,7 @@ def load_supersense() -> Tuple[str, List[str], List[Example]]:
             if lex not in SUPERSENSES:
                 continue
             gloss = line.split("|", 1)[1]
-            gloss = gloss.split(';')[0] if '"' in gloss else gloss  # drop usage examples
+            gloss = gloss.split(";")[0] if '"' in gloss else gloss  # drop usage examples
             text = _clean(gloss)
             if len(text) >= 15:
                 rows.append((text, numbers.index(lex)))

@@ -49,8 +49,7 @@ def layer_of(name: str):
     return int(m.group(1)) if m else None
 
 
-def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 1
-             ) -> List[Dict]:
+def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 1) -> List[Dict]:
     from mergekit_ace.kernels.ace import ace_merge
 
     base = load_tensors(base_dir)
@@ -62,9 +61,15 @@ def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 
             continue
         ws = [e[name] for e in experts]
         merged, diag = ace_merge(w0, ws, eps=eps, gate_statistic="gamma", tensor_name=name)
-        row = {"tensor": name, "type": module_type(name), "shape": list(w0.shape),
-               "branch": diag.branch, "gamma": diag.gamma, "energies": diag.energies,
-               "log_spread": getattr(diag, "log_spread", None)}
+        row = {
+            "tensor": name,
+            "type": module_type(name),
+            "shape": list(w0.shape),
+            "branch": diag.branch,
+            "gamma": diag.gamma,
+            "energies": diag.energies,
+            "log_spread": getattr(diag, "log_spread", None),
+        }
         if w0.dim() == 2 and diag.branch not in ("unchanged",):
             taus = [w - w0 for w in ws]
             mean_tau = sum(taus) / len(taus)
@@ -72,15 +77,18 @@ def diagnose(base_dir: Path, expert_dirs: List[Path], *, eps=1e-5, every: int = 
             n = w0.shape[1]
             # mean eigenvalue of each proxy S_t = C_t^T C_t (trace / n) vs the ridge eps
             centred = [float(((t - t.mean(0)) ** 2).sum()) / n for t in taus]
-            row.update({
-                "w0_norm": float(w0.norm()),
-                "rel_delta": [math.sqrt(e) / float(w0.norm()) for e in diag.energies],
-                "proxy_mean_eig": centred,
-                "ace_over_mean": float(w_ace.norm() / (mean_tau.norm() + 1e-30)),
-                "ace_over_sum": float(w_ace.norm() / (sum(taus).norm() + 1e-30)),
-                "cos_ace_mean": float((w_ace * mean_tau).sum()
-                                      / (w_ace.norm() * mean_tau.norm() + 1e-30)),
-            })
+            row.update(
+                {
+                    "w0_norm": float(w0.norm()),
+                    "rel_delta": [math.sqrt(e) / float(w0.norm()) for e in diag.energies],
+                    "proxy_mean_eig": centred,
+                    "ace_over_mean": float(w_ace.norm() / (mean_tau.norm() + 1e-30)),
+                    "ace_over_sum": float(w_ace.norm() / (sum(taus).norm() + 1e-30)),
+                    "cos_ace_mean": float(
+                        (w_ace * mean_tau).sum() / (w_ace.norm() * mean_tau.norm() + 1e-30)
+                    ),
+                }
+            )
         rows.append(row)
     return rows
 
@@ -93,17 +101,24 @@ def summarize(rows: List[Dict], task_names: List[str], eps: float) -> str:
     by = defaultdict(list)
     for r in rows:
         by[r["type"]].append(r)
-    out = ["| Module | Tensors | Branch (het./hom./other) | gamma median [min, max] | "
-           "rel. delta norm per expert (" + ", ".join(task_names) + ") | proxy mean eig / eps "
-           "(median) | ACE / mean-task-vector norm | cos(ACE, mean) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| Module | Tensors | Branch (het./hom./other) | gamma median [min, max] | "
+        "rel. delta norm per expert (" + ", ".join(task_names) + ") | proxy mean eig / eps "
+        "(median) | ACE / mean-task-vector norm | cos(ACE, mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for typ, rs in sorted(by.items()):
         het = sum(r["branch"] == "heterogeneous" for r in rs)
         hom = sum(r["branch"] == "homogeneous" for r in rs)
         gam = [r["gamma"] for r in rs if r["gamma"] is not None]
         rel = [r["rel_delta"] for r in rs if "rel_delta" in r]
-        rel_s = ", ".join(_fmt(statistics.median(x[i] for x in rel), ".2g")
-                          for i in range(len(task_names))) if rel else "-"
+        rel_s = (
+            ", ".join(
+                _fmt(statistics.median(x[i] for x in rel), ".2g") for i in range(len(task_names))
+            )
+            if rel
+            else "-"
+        )
         eig = [statistics.median(r["proxy_mean_eig"]) / eps for r in rs if "proxy_mean_eig" in r]
         ratio = [r["ace_over_mean"] for r in rs if "ace_over_mean" in r]
         cos = [r["cos_ace_mean"] for r in rs if "cos_ace_mean" in r]
@@ -112,7 +127,8 @@ def summarize(rows: List[Dict], task_names: List[str], eps: float) -> str:
             + (f"{statistics.median(gam):.3f} [{min(gam):.3f}, {max(gam):.3f}]" if gam else "-")
             + f" | {rel_s} | {_fmt(statistics.median(eig)) if eig else '-'} | "
             f"{_fmt(statistics.median(ratio), '.2f') if ratio else '-'} | "
-            f"{_fmt(statistics.median(cos), '.2f') if cos else '-'} |")
+            f"{_fmt(statistics.median(cos), '.2f') if cos else '-'} |"
+        )
     return "\n".join(out)
 
 
@@ -121,8 +137,12 @@ def main(argv=None) -> None:
     ap.add_argument("--set", default="main", choices=sorted(EXPERT_SETS))
     ap.add_argument("--eps", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--every", type=int, default=1,
-                    help="only every N-th transformer layer (plus embeddings and norms)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        help="only every N-th transformer layer (plus embeddings and norms)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,8 +32,14 @@ class MethodSpec:
         """Identity of the merge, for the score cache: the method and every parameter,
         with the method's declared defaults filled in (a changed default is a new merge)."""
         shared, per_model = declared_defaults(self.method)
-        return repr((self.method, sorted({**shared, **self.parameters}.items()),
-                     sorted({**per_model, **self.model_parameters}.items()), self.seeded))
+        return repr(
+            (
+                self.method,
+                sorted({**shared, **self.parameters}.items()),
+                sorted({**per_model, **self.model_parameters}.items()),
+                self.seeded,
+            )
+        )
 
 
 def declared_defaults(method: str) -> Tuple[Dict, Dict]:
@@ -54,25 +60,68 @@ def declared_defaults(method: str) -> Tuple[Dict, Dict]:
 def method_specs(n_tasks: int, *, eps_sweep=EPS_SWEEP) -> List[MethodSpec]:
     one = {"weight": 1.0}
     specs = [
-        MethodSpec("ace", "ace", "ace",
-                   note="defaults: eps auto, gate_statistic log_spread (the full method, E4)"),
-        MethodSpec("ace (paper: eps=1e-5, gamma)", "ace", "ace", dict(PAPER),
-                   note="the paper's settings (E4)"),
-        MethodSpec("task_arithmetic (lambda=1)", "task_arithmetic", "baseline",
-                   {"lambda": 1.0}, one, note="sum of task vectors"),
-        MethodSpec(f"task_arithmetic (lambda=1/{n_tasks})", "task_arithmetic", "baseline",
-                   {"lambda": 1.0 / n_tasks}, one, note="mean of task vectors"),
-        MethodSpec("ties", "ties", "baseline", model_parameters={"weight": 1.0, "density": 0.5},
-                   note="density 0.5, mergekit defaults otherwise"),
-        MethodSpec("dare_ties", "dare_ties", "baseline",
-                   model_parameters={"weight": 1.0, "density": 0.5}, seeded=True,
-                   note="density 0.5, --random-seed"),
-        MethodSpec("ace E1 (closed form)", "ace", "ablation",
-                   {**PAPER, "gate": "off", "prior": False, "refine": False}),
-        MethodSpec("ace E2 (+ adaptive norm.)", "ace", "ablation",
-                   {**PAPER, "gate": "auto", "prior": False, "refine": False}),
-        MethodSpec("ace E3 (+ prior)", "ace", "ablation",
-                   {**PAPER, "gate": "auto", "prior": True, "refine": False}),
+        MethodSpec(
+            "ace",
+            "ace",
+            "ace",
+            note="defaults: eps auto, gate_statistic log_spread (the full method, E4)",
+        ),
+        MethodSpec(
+            "ace (paper: eps=1e-5, gamma)",
+            "ace",
+            "ace",
+            dict(PAPER),
+            note="the paper's settings (E4)",
+        ),
+        MethodSpec(
+            "task_arithmetic (lambda=1)",
+            "task_arithmetic",
+            "baseline",
+            {"lambda": 1.0},
+            one,
+            note="sum of task vectors",
+        ),
+        MethodSpec(
+            f"task_arithmetic (lambda=1/{n_tasks})",
+            "task_arithmetic",
+            "baseline",
+            {"lambda": 1.0 / n_tasks},
+            one,
+            note="mean of task vectors",
+        ),
+        MethodSpec(
+            "ties",
+            "ties",
+            "baseline",
+            model_parameters={"weight": 1.0, "density": 0.5},
+            note="density 0.5, mergekit defaults otherwise",
+        ),
+        MethodSpec(
+            "dare_ties",
+            "dare_ties",
+            "baseline",
+            model_parameters={"weight": 1.0, "density": 0.5},
+            seeded=True,
+            note="density 0.5, --random-seed",
+        ),
+        MethodSpec(
+            "ace E1 (closed form)",
+            "ace",
+            "ablation",
+            {**PAPER, "gate": "off", "prior": False, "refine": False},
+        ),
+        MethodSpec(
+            "ace E2 (+ adaptive norm.)",
+            "ace",
+            "ablation",
+            {**PAPER, "gate": "auto", "prior": False, "refine": False},
+        ),
+        MethodSpec(
+            "ace E3 (+ prior)",
+            "ace",
+            "ablation",
+            {**PAPER, "gate": "auto", "prior": True, "refine": False},
+        ),
     ]
     specs += [
         MethodSpec("iso_c", "iso_c", "other", {"lambda": 1.0}, optional=True),
@@ -80,21 +129,38 @@ def method_specs(n_tasks: int, *, eps_sweep=EPS_SWEEP) -> List[MethodSpec]:
     ]
     # eps sweep under the paper's gate, widest values first so a partial run still brackets
     # the paper's 1e-5 (that point is the "ace (paper ...)" row)
-    order = sorted((e for e in eps_sweep if e != PAPER["eps"]),
-                   key=lambda e: -abs(math.log10(e) - math.log10(PAPER["eps"])))
+    order = sorted(
+        (e for e in eps_sweep if e != PAPER["eps"]),
+        key=lambda e: -abs(math.log10(e) - math.log10(PAPER["eps"])),
+    )
     for eps in order:
         specs.append(MethodSpec(f"ace eps={eps:g}", "ace", "eps", {**PAPER, "eps": eps}))
     specs += [
-        MethodSpec("linear", "linear", "baseline", model_parameters=one, base=False,
-                   note="uniform average of the experts: the same model as task_arithmetic "
-                   "at lambda=1/T, a check of the pipeline"),
+        MethodSpec(
+            "linear",
+            "linear",
+            "baseline",
+            model_parameters=one,
+            base=False,
+            note="uniform average of the experts: the same model as task_arithmetic "
+            "at lambda=1/T, a check of the pipeline",
+        ),
         MethodSpec("actmat", "actmat", "other", {"lambda": 1.0}, optional=True),
         MethodSpec("iso_cts", "iso_cts", "other", {"lambda": 1.0}, optional=True),
-        MethodSpec("ace eps=auto", "ace", "eps", {**PAPER, "eps": "auto"},
-                   note="scale-free eps, the paper's gate"),
-        MethodSpec("ace gate_statistic=log_spread", "ace", "variant",
-                   {**PAPER, "gate_statistic": "log_spread"},
-                   note="the paper's eps, scale-free gate"),
+        MethodSpec(
+            "ace eps=auto",
+            "ace",
+            "eps",
+            {**PAPER, "eps": "auto"},
+            note="scale-free eps, the paper's gate",
+        ),
+        MethodSpec(
+            "ace gate_statistic=log_spread",
+            "ace",
+            "variant",
+            {**PAPER, "gate_statistic": "log_spread"},
+            note="the paper's eps, scale-free gate",
+        ),
     ]
     return specs
 

@@ -107,8 +107,12 @@ def fine_tune(
     return optimize(model, cfg, step_loss, progress)
 
 
-def optimize(model, cfg: TrainConfig, step_loss: Callable[[int], "torch.Tensor"],
-             progress: Optional[Callable[[int, float], None]] = None) -> List[float]:
+def optimize(
+    model,
+    cfg: TrainConfig,
+    step_loss: Callable[[int], "torch.Tensor"],
+    progress: Optional[Callable[[int, float], None]] = None,
+) -> List[float]:
     """``cfg.steps`` AdamW steps on every weight (cosine schedule after ``cfg.warmup`` linear
     warm-up steps, gradient clipping 1.0) of the loss ``step_loss(step)``; returns the losses."""
     model.train()
@@ -205,8 +209,10 @@ def train_expert(
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "expert.json").write_text(
-        json.dumps({"task": task.name, "train": asdict(cfg), "seconds": seconds,
-                    "losses": losses}, indent=1)
+        json.dumps(
+            {"task": task.name, "train": asdict(cfg), "seconds": seconds, "losses": losses},
+            indent=1,
+        )
     )
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -20,8 +20,9 @@ def build_tasks(names: Sequence[str], heldout: int, train_pool: int, seed: int) 
     return [build_task(n, heldout=heldout, train=train_pool, seed=seed) for n in names]
 
 
-def expert_dir(cache: Path, set_name: str, task: Task, cfg: TrainConfig, heldout: int,
-               seed: int) -> Path:
+def expert_dir(
+    cache: Path, set_name: str, task: Task, cfg: TrainConfig, heldout: int, seed: int
+) -> Path:
     return Path(cache) / "experts" / set_name / f"{task.name}_h{heldout}_d{seed}_{cfg.key()}"
 
 
@@ -29,17 +30,25 @@ def trained_expert_dirs(cache: Path, es) -> List[Path]:
     """The checkpoint directories of expert set ``es``, in task order; exits with a message
     when one has not been trained yet."""
     tasks = build_tasks(es.tasks, es.heldout, es.train_pool, es.data_seed)
-    dirs = [expert_dir(cache, es.name, t, es.train[t.name], es.heldout, es.data_seed)
-            for t in tasks]
+    dirs = [
+        expert_dir(cache, es.name, t, es.train[t.name], es.heldout, es.data_seed) for t in tasks
+    ]
     missing = [str(d) for d in dirs if not (d / "expert.json").exists()]
     if missing:
         raise SystemExit(f"experts not trained yet: {missing}; run benchmarks.real_llama.run")
     return dirs
 
 
-def ensure_experts(base_dir: Path, tasks: Sequence[Task], cfgs: Dict[str, TrainConfig],
-                   cache: Path, set_name: str, heldout: int, seed: int,
-                   bar=None) -> Dict[str, Path]:
+def ensure_experts(
+    base_dir: Path,
+    tasks: Sequence[Task],
+    cfgs: Dict[str, TrainConfig],
+    cache: Path,
+    set_name: str,
+    heldout: int,
+    seed: int,
+    bar=None,
+) -> Dict[str, Path]:
     """Train (or reuse) one expert per task; ``bar`` is an optional tqdm bar counting steps."""
     out = {}
     for task in tasks:
@@ -60,9 +69,13 @@ def ensure_experts(base_dir: Path, tasks: Sequence[Task], cfgs: Dict[str, TrainC
     return out
 
 
-def merge_config(method: str, base_dir: Optional[Path], experts: Sequence[Path],
-                 parameters: Optional[dict] = None, model_parameters: Optional[dict] = None
-                 ) -> dict:
+def merge_config(
+    method: str,
+    base_dir: Optional[Path],
+    experts: Sequence[Path],
+    parameters: Optional[dict] = None,
+    model_parameters: Optional[dict] = None,
+) -> dict:
     models = []
     for e in experts:
         entry = {"model": str(e)}
@@ -78,8 +91,9 @@ def merge_config(method: str, base_dir: Optional[Path], experts: Sequence[Path],
     return cfg
 
 
-def run_mergekit(config: dict, out_dir: Path, seed: Optional[int] = None,
-                 log: Optional[Path] = None) -> float:
+def run_mergekit(
+    config: dict, out_dir: Path, seed: Optional[int] = None, log: Optional[Path] = None
+) -> float:
     """Run the real ``mergekit-yaml`` CLI on ``config``; returns wall seconds."""
     out_dir = Path(out_dir)
     if out_dir.exists():

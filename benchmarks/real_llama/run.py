@@ -70,9 +70,14 @@ def score_model(model, tok, tasks, max_text_tokens: int) -> Dict[str, Dict]:
 
 
 def data_signature(es: ExpertSet) -> Dict:
-    return {"set": es.name, "tasks": es.tasks, "heldout": es.heldout,
-            "train_pool": es.train_pool, "data_seed": es.data_seed,
-            "train": {k: v.key() for k, v in es.train.items()}}
+    return {
+        "set": es.name,
+        "tasks": es.tasks,
+        "heldout": es.heldout,
+        "train_pool": es.train_pool,
+        "data_seed": es.data_seed,
+        "train": {k: v.key() for k, v in es.train.items()},
+    }
 
 
 def run(
@@ -102,9 +107,12 @@ def run(
             results = {}
     results.setdefault("data", sig)
     results.setdefault("rows", {})
-    results["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__}
+    results["machine"] = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     results["description"] = es.description
 
     def save():
@@ -113,20 +121,26 @@ def run(
 
     tok = load_tokenizer(base_dir)
     bar = tqdm(total=sum(c.steps for c in es.train.values()), desc="experts", unit="step")
-    experts = ensure_experts(base_dir, tasks, es.train, cache, es.name, es.heldout,
-                             es.data_seed, bar=bar)
+    experts = ensure_experts(
+        base_dir, tasks, es.train, cache, es.name, es.heldout, es.data_seed, bar=bar
+    )
     bar.close()
     rows = results["rows"]
     if references and "base" not in rows:
-        rows["base"] = {"group": "reference", "scores": score_model(
-            load_model(base_dir), tok, tasks, max_tokens)}
+        rows["base"] = {
+            "group": "reference",
+            "scores": score_model(load_model(base_dir), tok, tasks, max_tokens),
+        }
         save()
     for t in tasks:
         label = f"expert {t.name}"
         if references and label not in rows:
             model = load_model(experts[t.name])
-            rows[label] = {"group": "expert", "task": t.name,
-                           "scores": {t.name: score(model, tok, t, max_text_tokens=max_tokens)}}
+            rows[label] = {
+                "group": "expert",
+                "task": t.name,
+                "scores": {t.name: score(model, tok, t, max_text_tokens=max_tokens)},
+            }
             save()
     specs = select(method_specs(len(tasks)), only)
     merged_root = cache / "merged" / es.name
@@ -137,12 +151,20 @@ def run(
         if row and row.get("key") == spec.key() and "error" not in row:
             continue  # scored before with the same configuration (failed merges are retried)
         out_dir = merged_root / spec.label.replace(" ", "_").replace("/", "-")
-        cfg = merge_config(spec.method, base_dir if spec.base else None,
-                           [experts[t.name] for t in tasks],
-                           spec.parameters, spec.model_parameters)
+        cfg = merge_config(
+            spec.method,
+            base_dir if spec.base else None,
+            [experts[t.name] for t in tasks],
+            spec.parameters,
+            spec.model_parameters,
+        )
         try:
-            seconds = run_mergekit(cfg, out_dir, seed=seed if spec.seeded else None,
-                                   log=out_dir.parent / (out_dir.name + ".log"))
+            seconds = run_mergekit(
+                cfg,
+                out_dir,
+                seed=seed if spec.seeded else None,
+                log=out_dir.parent / (out_dir.name + ".log"),
+            )
         except RuntimeError as exc:
             shutil.rmtree(out_dir, ignore_errors=True)
             rows[spec.label] = {"group": spec.group, "key": spec.key(), "error": str(exc)[-500:]}
@@ -150,9 +172,13 @@ def run(
             continue
         model = load_model(out_dir)
         rows[spec.label] = {
-            "group": spec.group, "method": spec.method, "key": spec.key(),
-            "parameters": spec.parameters, "model_parameters": spec.model_parameters,
-            "note": spec.note, "merge_seconds": seconds,
+            "group": spec.group,
+            "method": spec.method,
+            "key": spec.key(),
+            "parameters": spec.parameters,
+            "model_parameters": spec.model_parameters,
+            "note": spec.note,
+            "merge_seconds": seconds,
             "checkpoint": check_merged(out_dir, model),
             "scores": score_model(model, tok, tasks, max_tokens),
         }
@@ -173,17 +199,30 @@ def run(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="main", choices=sorted(EXPERT_SETS))
-    ap.add_argument("--methods", nargs="*", help="row labels or groups (baseline, ace, ablation, eps, other) to run")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: all cores; 1 is faster on a busy machine)")
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        help="row labels or groups (baseline, ace, ablation, eps, other) to run",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all cores; 1 is faster on a busy machine)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep merged checkpoints")
     ap.add_argument("--seed", type=int, default=0, help="--random-seed for dare_ties")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="results JSON (default benchmarks/results/<set>.json)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results JSON (default benchmarks/results/<set>.json)",
+    )
     ap.add_argument("--no-report", action="store_true", help="skip tables and chart")
-    ap.add_argument("--no-references", action="store_true",
-                    help="do not score the base model and the experts")
+    ap.add_argument(
+        "--no-references", action="store_true", help="do not score the base model and the experts"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,9 +233,15 @@ def main(argv=None) -> None:
         write_report(json.loads(path.read_text()), args.set)
         return
     t0 = time.perf_counter()
-    run(EXPERT_SETS[args.set], only=args.methods, keep=args.keep, seed=args.seed,
-        results_path=args.results, report=not args.no_report,
-        references=not args.no_references)
+    run(
+        EXPERT_SETS[args.set],
+        only=args.methods,
+        keep=args.keep,
+        seed=args.seed,
+        results_path=args.results,
+        report=not args.no_report,
+        references=not args.no_references,
+    )
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 

@@ -35,8 +35,13 @@ CONFIGS = {
 }
 
 
-def scale_test(base: Dict[str, torch.Tensor], experts: List[Dict[str, torch.Tensor]],
-               factors: Sequence[float], *, every: int = 5) -> List[Dict]:
+def scale_test(
+    base: Dict[str, torch.Tensor],
+    experts: List[Dict[str, torch.Tensor]],
+    factors: Sequence[float],
+    *,
+    every: int = 5,
+) -> List[Dict]:
     """One row per (sampled 2-D tensor, configuration, factor)."""
     from mergekit_ace.kernels.ace import ace_merge
 
@@ -53,9 +58,17 @@ def scale_test(base: Dict[str, torch.Tensor], experts: List[Dict[str, torch.Tens
             for a in factors:
                 out, da = ace_merge(w0, [w0 + a * t for t in taus], tensor_name=name, **kwargs)
                 dev = float(((out - w0) / a - ref).norm() / ref.norm().clamp_min(1e-300))
-                rows.append({"tensor": name, "type": module_type(name), "config": label,
-                             "factor": a, "rel_deviation": dev, "branch_1": d1.branch,
-                             "branch_a": da.branch})
+                rows.append(
+                    {
+                        "tensor": name,
+                        "type": module_type(name),
+                        "config": label,
+                        "factor": a,
+                        "rel_deviation": dev,
+                        "branch_1": d1.branch,
+                        "branch_a": da.branch,
+                    }
+                )
     return rows
 
 
@@ -71,24 +84,39 @@ def summarize(rows: List[Dict], factors: Sequence[float]) -> str:
             devs = [r["rel_deviation"] for r in rs]
             flips = [r for r in rs if r["branch_a"] != r["branch_1"]]
             which = sorted({r["type"] for r in flips})
-            cells += [f"{statistics.median(devs):.2g}", f"{max(devs):.2g}",
-                      f"{len(flips)}/{len(rs)}" + (f" ({', '.join(which)})" if which else "")]
+            cells += [
+                f"{statistics.median(devs):.2g}",
+                f"{max(devs):.2g}",
+                f"{len(flips)}/{len(rs)}" + (f" ({', '.join(which)})" if which else ""),
+            ]
         out.append("| " + " | ".join(cells) + " |")
-    het = {label: sum(r["branch_1"] == "heterogeneous" for r in rows
-                      if r["config"] == label and r["factor"] == factors[0])
-           for label in CONFIGS}
+    het = {
+        label: sum(
+            r["branch_1"] == "heterogeneous"
+            for r in rows
+            if r["config"] == label and r["factor"] == factors[0]
+        )
+        for label in CONFIGS
+    }
     n = len({r["tensor"] for r in rows})
     out.append("")
-    out.append(f"{n} tensors. Heterogeneous at the experts' own scale: "
-               + ", ".join(f"{label} {het[label]}/{n}" for label in CONFIGS) + ".")
+    out.append(
+        f"{n} tensors. Heterogeneous at the experts' own scale: "
+        + ", ".join(f"{label} {het[label]}/{n}" for label in CONFIGS)
+        + "."
+    )
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="main", choices=sorted(EXPERT_SETS))
-    ap.add_argument("--every", type=int, default=5,
-                    help="only every N-th transformer layer (plus the embedding)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=5,
+        help="only every N-th transformer layer (plus the embedding)",
+    )
     ap.add_argument("--factors", type=float, nargs="+", default=[0.1, 10.0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report-only", action="store_true")
@@ -102,8 +130,12 @@ def main(argv=None) -> None:
         write_outputs(es.name, rows, summarize(rows, sorted({r["factor"] for r in rows})))
         return
     dirs = trained_expert_dirs(CACHE, es)
-    rows = scale_test(load_tensors(CACHE / "base"), [load_tensors(d) for d in dirs],
-                      args.factors, every=args.every)
+    rows = scale_test(
+        load_tensors(CACHE / "base"),
+        [load_tensors(d) for d in dirs],
+        args.factors,
+        every=args.every,
+    )
     write_outputs(es.name, rows, summarize(rows, args.factors))
 
 

@@ -29,14 +29,23 @@ def make_tiny_llama(path: Path, words: Iterable[str], seed: int = 0) -> Path:
     vocab = {w: i for i, w in enumerate(sorted(words))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                  bos_token="<s>", eos_token="</s>")
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
         eos_token_id=vocab["</s>"],
     )
     model = LlamaForCausalLM(cfg)

@@ -14,8 +14,9 @@ from mergekit_ace.kernels.ace import ace_merge, estimate_ace_cost
 from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS
 
 
-def calibrate_flop_rate(device: str = "cpu", size: int = 512, experts: int = 3,
-                        repeats: int = 3) -> float:
+def calibrate_flop_rate(
+    device: str = "cpu", size: int = 512, experts: int = 3, repeats: int = 3
+) -> float:
     """Effective floating-point rate (flop/s) of the ACE kernel itself on ``device``: one
     merge of ``[size, size]`` tensors (Gram products, solve and spectral step in the
     proportions of a real tensor), after a small warm-up, timed best of ``repeats`` and divided
@@ -43,9 +44,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_bytes: int,
-                flop_rate: float, refine: bool = True, k_frac: float = ACE_PARAMETERS.default("k_frac"),
-                matmul: str = "float32") -> Dict[str, float]:
+def tensor_cost(
+    shape: Sequence[int],
+    n_experts: int,
+    load_bytes: int,
+    compute_bytes: int,
+    flop_rate: float,
+    refine: bool = True,
+    k_frac: float = ACE_PARAMETERS.default("k_frac"),
+    matmul: str = "float32",
+) -> Dict[str, float]:
     """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
 
     ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``),
@@ -54,8 +62,15 @@ def tensor_cost(shape: Sequence[int], n_experts: int, load_bytes: int, compute_b
     kernel's workspace of :func:`estimate_ace_cost` (which includes the merged tensor, returned
     in the inputs' dtype).
     """
-    cost = estimate_ace_cost(tuple(shape), n_experts, compute_bytes, refine=refine,
-                             k_frac=k_frac, out_bytes=load_bytes, matmul=matmul)
+    cost = estimate_ace_cost(
+        tuple(shape),
+        n_experts,
+        compute_bytes,
+        refine=refine,
+        k_frac=k_frac,
+        out_bytes=load_bytes,
+        matmul=matmul,
+    )
     peak = (n_experts + 1) * math.prod(shape) * load_bytes + cost["bytes"]
     return {
         "flops": float(cost["flops"]),

@@ -56,7 +56,9 @@ def plan(config_path: str, options) -> Planned:
     config = load_config(config_path)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    out_config = compat.model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    out_config = compat.model_out_config(
+        config, arch_info, trust_remote_code=options.trust_remote_code
+    )
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     with instrumented_method(None):
         # The planning half of MergePlanner.plan_in_memory (whose ReturnTensor wrapper does not
@@ -104,4 +106,3 @@ def base_header(merge_task) -> Optional[Tuple[Tuple[int, ...], str, Optional[str
     except NotSafetensors as error:
         raise InspectError(str(error)) from error
     return None if entry is None else (*entry, compat.load_dtype(merge_task))
-

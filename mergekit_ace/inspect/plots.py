@@ -86,7 +86,11 @@ def _grid(report) -> Tuple[List[str], List[str], Dict[Tuple[str, str], object]]:
 def _layer_modules(report, two_d_only: bool = True) -> List[str]:
     seen = []
     for row in report.rows:
-        if row.layer is not None and row.module not in seen and (len(row.shape) == 2 or not two_d_only):
+        if (
+            row.layer is not None
+            and row.module not in seen
+            and (len(row.shape) == 2 or not two_d_only)
+        ):
             seen.append(row.module)
     return seen
 
@@ -117,9 +121,19 @@ def plot_gate(report, path: Path) -> Optional[str]:
     for i, module in enumerate(modules):
         xs, ys = _series(report, module, lambda r: r.gate_value)
         ax.plot(xs, ys, marker="o", ms=3.5, lw=1.2, color=cmap(i % 10), label=module)
-        hetero = [(x, y) for x, y, r in zip(xs, ys, [r for r in report.rows if r.module == module
-                                                        and r.layer is not None and r.gate_value is not None])
-                  if r.branch == "heterogeneous"]
+        hetero = [
+            (x, y)
+            for x, y, r in zip(
+                xs,
+                ys,
+                [
+                    r
+                    for r in report.rows
+                    if r.module == module and r.layer is not None and r.gate_value is not None
+                ],
+            )
+            if r.branch == "heterogeneous"
+        ]
         if hetero:
             ax.scatter(*zip(*hetero), s=40, facecolors="none", edgecolors=cmap(i % 10), lw=1.2)
         tau = tuple(_series(report, module, lambda r: r.parameters.get("tau")))
@@ -127,8 +141,15 @@ def plot_gate(report, path: Path) -> Optional[str]:
     # one dashed threshold line per distinct tau profile (per-tensor filters give several)
     for n, ((tx, ty), group) in enumerate(taus.items()):
         label = "tau" if len(taus) == 1 else f"tau ({', '.join(group)})"
-        ax.plot(tx, ty, ls=("--", ":", "-.")[n % 3], color="black", lw=1.2, label=label,
-                drawstyle="steps-mid")
+        ax.plot(
+            tx,
+            ty,
+            ls=("--", ":", "-.")[n % 3],
+            color="black",
+            lw=1.2,
+            label=label,
+            drawstyle="steps-mid",
+        )
     statistics = sorted({r.gate_statistic for r in report.rows if r.gate_value is not None})
     values = [r.gate_value for r in report.rows if r.gate_value is not None]
     if min(values) > 0:
@@ -136,8 +157,10 @@ def plot_gate(report, path: Path) -> Optional[str]:
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(" | ".join(STATISTIC_LABELS.get(s, s) for s in statistics))
-    ax.set_title(f"Gate statistic {'/'.join(statistics)} by layer "
-                 "(circled: heterogeneous branch, statistic > tau)")
+    ax.set_title(
+        f"Gate statistic {'/'.join(statistics)} by layer "
+        "(circled: heterogeneous branch, statistic > tau)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -149,13 +172,18 @@ def plot_gate(report, path: Path) -> Optional[str]:
 def plot_energy(report, path: Path) -> Optional[str]:
     """Each expert's task-vector energy ``||W_t - W0||_F^2`` by layer, one panel per module type."""
     plt = require_matplotlib()
-    modules = [m for m in _layer_modules(report, two_d_only=False)
-               if any(r.energies for r in report.rows if r.module == m)]
+    modules = [
+        m
+        for m in _layer_modules(report, two_d_only=False)
+        if any(r.energies for r in report.rows if r.module == m)
+    ]
     if not modules or not report.experts:
         return None
     cols = min(4, len(modules))
     rows = math.ceil(len(modules) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharex=True
+    )
     cmap = plt.get_cmap("tab10")
     for ax, module in zip(axes.flat, modules):
         for j, label in enumerate(report.experts):
@@ -166,7 +194,7 @@ def plot_energy(report, path: Path) -> Optional[str]:
         ax.set_title(module, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(modules):]:
+    for ax in list(axes.flat)[len(modules) :]:
         ax.axis("off")
     from matplotlib.ticker import MaxNLocator
 
@@ -201,8 +229,12 @@ def plot_branches(report, path: Path) -> Optional[str]:
     data = np.ma.masked_invalid(np.array(grid, dtype=float))
     cmap = ListedColormap([BRANCH_COLOURS[b] for b in names])
     cmap.set_bad("white")
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(columns) + 3), max(2.5, 0.38 * len(modules) + 1.5)))
-    ax.imshow(data, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest")
+    fig, ax = plt.subplots(
+        figsize=(max(6, 0.32 * len(columns) + 3), max(2.5, 0.38 * len(modules) + 1.5))
+    )
+    ax.imshow(
+        data, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto", interpolation="nearest"
+    )
     ax.set_yticks(range(len(modules)))
     ax.set_yticklabels(modules, fontsize=8)
     step = max(1, len(columns) // 40)
@@ -212,11 +244,22 @@ def plot_branches(report, path: Path) -> Optional[str]:
     if len(columns) <= 16:
         for (column, module), row in cells.items():
             if row.gate_value is not None:
-                ax.text(columns.index(column), modules.index(module), f"{row.gate_value:.2g}",
-                        ha="center", va="center", fontsize=6, color="black")
+                ax.text(
+                    columns.index(column),
+                    modules.index(module),
+                    f"{row.gate_value:.2g}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black",
+                )
     present = [b for b in names if any(r.branch == b for r in cells.values())]
-    ax.legend(handles=[Patch(color=BRANCH_COLOURS[b], label=BRANCH_LABELS.get(b, b)) for b in present],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.legend(
+        handles=[Patch(color=BRANCH_COLOURS[b], label=BRANCH_LABELS.get(b, b)) for b in present],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+    )
     ax.set_title("ACE branch per tensor (numbers: the gate statistic)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -238,8 +281,10 @@ def plot_concentration(report, path: Path) -> Optional[str]:
             modules.append(r.module)
     cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    for ax, attr, title in ((axes[0], "spectrum_pre", "preliminary W_pre"),
-                            (axes[1], "spectrum_post", "final W (after refinement)")):
+    for ax, attr, title in (
+        (axes[0], "spectrum_pre", "preliminary W_pre"),
+        (axes[1], "spectrum_post", "final W (after refinement)"),
+    ):
         for i, module in enumerate(modules):
             curves = [getattr(r, attr) for r in rows if r.module == module and getattr(r, attr)]
             if not curves:
@@ -247,11 +292,24 @@ def plot_concentration(report, path: Path) -> Optional[str]:
             columns = list(zip(*curves))
             median = [sorted(c)[len(c) // 2] for c in columns]
             colour = cmap(i % 10)
-            ax.plot(CURVE_FRACTIONS, median, marker="o", ms=2.5, lw=1.2, color=colour,
-                    label=f"{module} ({len(curves)})")
+            ax.plot(
+                CURVE_FRACTIONS,
+                median,
+                marker="o",
+                ms=2.5,
+                lw=1.2,
+                color=colour,
+                label=f"{module} ({len(curves)})",
+            )
             if len(curves) > 1:
-                ax.fill_between(CURVE_FRACTIONS, [min(c) for c in columns],
-                                [max(c) for c in columns], color=colour, alpha=0.12, lw=0)
+                ax.fill_between(
+                    CURVE_FRACTIONS,
+                    [min(c) for c in columns],
+                    [max(c) for c in columns],
+                    color=colour,
+                    alpha=0.12,
+                    lw=0,
+                )
         ax.axvline(0.05, color="black", ls="--", lw=1.0)
         ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
@@ -262,8 +320,10 @@ def plot_concentration(report, path: Path) -> Optional[str]:
     handles.append(plt.Line2D([], [], color="black", ls="--"))
     labels.append("top 5 %")
     axes[1].legend(handles, labels, fontsize=7, loc="lower right")
-    fig.suptitle("Spectral concentration of the merged task vector (median per module type, "
-                 "range shaded)", fontsize=11)
+    fig.suptitle(
+        "Spectral concentration of the merged task vector (median per module type, range shaded)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -287,8 +347,9 @@ def plot_cost(report, path: Path) -> Optional[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(order) + 1.8), sharey=True)
     axes[0].barh(labels, [totals[m][0] for m in order], color="#4c72b0")
     source = "given" if getattr(report, "flop_rate_given", False) else f"on {report.device}"
-    axes[0].set_xlabel(f"estimated kernel seconds, all layers ({report.flop_rate / 1e9:.3g} "
-                       f"GFLOP/s {source})")
+    axes[0].set_xlabel(
+        f"estimated kernel seconds, all layers ({report.flop_rate / 1e9:.3g} GFLOP/s {source})"
+    )
     axes[1].barh(labels, [totals[m][1] / 2**30 for m in order], color="#dd8452")
     axes[1].set_xlabel("predicted peak memory of one tensor (GiB)")
     from matplotlib.ticker import NullFormatter
@@ -311,9 +372,13 @@ def write_plots(report, out_dir: Path) -> Dict[str, str]:
     require_matplotlib()
     out_dir = Path(out_dir)
     files = {}
-    for kind, plot in (("gate", plot_gate), ("energy", plot_energy),
-                       ("branches", plot_branches), ("concentration", plot_concentration),
-                       ("cost", plot_cost)):
+    for kind, plot in (
+        ("gate", plot_gate),
+        ("energy", plot_energy),
+        ("branches", plot_branches),
+        ("concentration", plot_concentration),
+        ("cost", plot_cost),
+    ):
         path = plot(report, out_dir / f"{kind}.png")
         if path:
             files[kind] = path

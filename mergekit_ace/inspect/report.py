@@ -13,7 +13,9 @@ import torch
 
 from mergekit_ace.kernels.ace.parameters import DEFAULT_GATE_STATISTIC
 
-_LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.(?P<kind>weight|bias))?$")
+_LAYER_RE = re.compile(
+    r"^(?P<prefix>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.(?P<kind>weight|bias))?$"
+)
 
 
 class InspectError(RuntimeError):
@@ -152,7 +154,7 @@ def _strip_shared(labels: List[str]) -> List[str]:
     # cut only at separators, so "chat7" and "code7" keep their names
     cut_front = max((i + 1 for i, ch in enumerate(prefix) if ch in separators), default=0)
     cut_back = max((len(suffix) - i for i, ch in enumerate(suffix) if ch in separators), default=0)
-    stripped = [label[cut_front:len(label) - cut_back] for label in labels]
+    stripped = [label[cut_front : len(label) - cut_back] for label in labels]
     if all(stripped) and len(set(stripped)) == len(stripped):
         return stripped
     return labels
@@ -169,7 +171,9 @@ def energy_curve(singular_values: Optional[List[float]]) -> Optional[List[float]
     enough to keep per tensor)."""
     if not singular_values:
         return None
-    energy = torch.tensor(singular_values, dtype=torch.float64).square().sort(descending=True).values
+    energy = (
+        torch.tensor(singular_values, dtype=torch.float64).square().sort(descending=True).values
+    )
     total = float(energy.sum())
     if total <= 0:
         return None

@@ -79,8 +79,13 @@ def inspect_config(
     except DATA_ERRORS as error:
         raise InspectError(_one_line(error)) from error
     return InspectReport(
-        config=str(config_path), mode="estimate" if estimate_only else "full", device=device,
-        flop_rate=flop_rate, experts=planned.labels, rows=rows, flop_rate_given=given,
+        config=str(config_path),
+        mode="estimate" if estimate_only else "full",
+        device=device,
+        flop_rate=flop_rate,
+        experts=planned.labels,
+        rows=rows,
+        flop_rate_given=given,
     )
 
 
@@ -88,8 +93,15 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _row_skeleton(planned: compat.PlannedTensor, shape, dtype_name: str, flop_rate: float,
-                  compute_bytes: int, branch: str, device: str) -> TensorRow:
+def _row_skeleton(
+    planned: compat.PlannedTensor,
+    shape,
+    dtype_name: str,
+    flop_rate: float,
+    compute_bytes: int,
+    branch: str,
+    device: str,
+) -> TensorRow:
     layer, module = split_name(planned.name)
     params = dict(planned.parameters)
     weights = {}
@@ -108,10 +120,26 @@ def _row_skeleton(planned: compat.PlannedTensor, shape, dtype_name: str, flop_ra
         parameter("matmul_precision"), torch.device(device), compute_dtype
     )
     load_bytes = _torch_dtype(dtype_name).itemsize
-    cost = tensor_cost(shape, len(planned.experts), load_bytes, compute_bytes, flop_rate,
-                       refine=refine, k_frac=parameter("k_frac"), matmul=matmul)
-    return TensorRow(name=planned.name, module=module, layer=layer, shape=tuple(shape),
-                     dtype=dtype_name, parameters=params, branch=branch, **cost)
+    cost = tensor_cost(
+        shape,
+        len(planned.experts),
+        load_bytes,
+        compute_bytes,
+        flop_rate,
+        refine=refine,
+        k_frac=parameter("k_frac"),
+        matmul=matmul,
+    )
+    return TensorRow(
+        name=planned.name,
+        module=module,
+        layer=layer,
+        shape=tuple(shape),
+        dtype=dtype_name,
+        parameters=params,
+        branch=branch,
+        **cost,
+    )
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -121,8 +149,9 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _fill_from_diagnostics(row: TensorRow, diag: AceDiagnostics, seconds: Optional[float],
-                           experts: list, all_experts: list) -> None:
+def _fill_from_diagnostics(
+    row: TensorRow, diag: AceDiagnostics, seconds: Optional[float], experts: list, all_experts: list
+) -> None:
     """Copy the kernel's diagnostics into ``row``; energies are aligned with ``all_experts``
     (the report's expert columns), ``None`` where an expert has no such tensor."""
     row.branch = diag.branch
@@ -153,19 +182,27 @@ def _estimate_rows(planned: Planned, device: str, flop_rate: float, quiet: bool)
         shape, st_dtype, dtype = entry
         dtype = dtype or _torch_dtype(st_dtype).__str__().replace("torch.", "")
         planned_tensor = compat.planned_tensor(merge_task)
-        gate_parameters = {k: v for k, v in planned_tensor.parameters.items()
-                           if k in ("tau", "gate", "gate_statistic")}
+        gate_parameters = {
+            k: v
+            for k, v in planned_tensor.parameters.items()
+            if k in ("tau", "gate", "gate_statistic")
+        }
         # without energies a gate: auto branch is UNDECIDED, costed as heterogeneous
-        branch = predict_branch(len(shape), None, n_experts=len(planned_tensor.experts),
-                                **gate_parameters).branch
+        branch = predict_branch(
+            len(shape), None, n_experts=len(planned_tensor.experts), **gate_parameters
+        ).branch
         compute_bytes = 8 if str(dtype) == "float64" else 4
-        rows.append(_row_skeleton(planned_tensor, shape, str(dtype), flop_rate, compute_bytes,
-                                  branch, device))
+        rows.append(
+            _row_skeleton(
+                planned_tensor, shape, str(dtype), flop_rate, compute_bytes, branch, device
+            )
+        )
     return rows
 
 
-def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
-               quiet: bool) -> List[TensorRow]:
+def _full_rows(
+    planned: Planned, device: str, storage: str, flop_rate: float, quiet: bool
+) -> List[TensorRow]:
     collected: Dict[str, Tuple[AceDiagnostics, Optional[float]]] = {}
 
     def collect(diag: AceDiagnostics, seconds: Optional[float]) -> None:
@@ -173,9 +210,13 @@ def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
 
     rows: List[TensorRow] = []
     with instrumented_method(collect):
-        results = compat.execute(planned.tasks, math_device=torch.device(device),
-                                 storage_device=torch.device(storage), quiet=quiet,
-                                 desc="Inspecting")
+        results = compat.execute(
+            planned.tasks,
+            math_device=torch.device(device),
+            storage_device=torch.device(storage),
+            quiet=quiet,
+            desc="Inspecting",
+        )
         for merge_task, tensor in results:
             planned_tensor = compat.planned_tensor(merge_task)
             shape = tuple(tensor.shape) if tensor is not None else ()
@@ -185,11 +226,13 @@ def _full_rows(planned: Planned, device: str, storage: str, flop_rate: float,
             found = collected.pop(planned_tensor.name, None)
             # "copied": not merged by the kernel (a non-float buffer or a pass-through)
             branch = found[0].branch if found is not None else "copied"
-            row = _row_skeleton(planned_tensor, shape, dtype, flop_rate, compute_bytes, branch,
-                                device)
+            row = _row_skeleton(
+                planned_tensor, shape, dtype, flop_rate, compute_bytes, branch, device
+            )
             if found is not None:
-                _fill_from_diagnostics(row, found[0], found[1], planned_tensor.experts,
-                                       planned.models)
+                _fill_from_diagnostics(
+                    row, found[0], found[1], planned_tensor.experts, planned.models
+                )
             rows.append(row)
     order = {compat.planned_tensor(task).name: i for i, task in enumerate(planned.tasks)}
     rows.sort(key=lambda r: order.get(r.name, len(order)))  # execution order is by name

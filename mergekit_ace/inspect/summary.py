@@ -37,17 +37,24 @@ def summary_text(report: InspectReport) -> str:
     predicted peak memory and total time, the worst-conditioned system, the files."""
     n = len(report.rows)
     mode = "estimate only (no tensor data read)" if report.mode == "estimate" else "full"
-    lines = [f"ACE inspect of {report.config}: {n} tensors, {len(report.experts)} experts "
-             f"({', '.join(report.experts)}), {mode}, device {report.device}"]
+    lines = [
+        f"ACE inspect of {report.config}: {n} tensors, {len(report.experts)} experts "
+        f"({', '.join(report.experts)}), {mode}, device {report.device}"
+    ]
     lines += _branch_lines(report) + _gate_lines(report) + _cost_lines(report)
     conditioned = [r for r in report.rows if r.condition is not None]
     if conditioned:
         worst = max(conditioned, key=lambda r: r.condition)
-        lines.append(f"  worst-conditioned system: {worst.name} (condition {worst.condition:.2g}, "
-                     f"solver {worst.solver})")
+        lines.append(
+            f"  worst-conditioned system: {worst.name} (condition {worst.condition:.2g}, "
+            f"solver {worst.solver})"
+        )
     if report.files:
-        lines.append("  wrote: " + ", ".join(os.path.basename(p) for p in report.files.values())
-                     + f" in {os.path.dirname(next(iter(report.files.values())))}")
+        lines.append(
+            "  wrote: "
+            + ", ".join(os.path.basename(p) for p in report.files.values())
+            + f" in {os.path.dirname(next(iter(report.files.values())))}"
+        )
     return "\n".join(lines)
 
 
@@ -55,16 +62,21 @@ def _branch_lines(report: InspectReport) -> List[str]:
     """Tensors per branch, and the experts found to be storage noise."""
     counts = report.branch_counts()
     order = ["heterogeneous", "homogeneous", UNDECIDED, "mean", "unchanged", "copied"]
-    parts = [f"{counts[b]} {b if b != UNDECIDED else 'decided at merge time (gate: auto)'}"
-             for b in order + sorted(set(counts) - set(order)) if b in counts]
+    parts = [
+        f"{counts[b]} {b if b != UNDECIDED else 'decided at merge time (gate: auto)'}"
+        for b in order + sorted(set(counts) - set(order))
+        if b in counts
+    ]
     lines = ["  branches:  " + ", ".join(parts)]
     noisy: Dict[str, int] = {}
     for row in report.rows:
         for i in row.noise or []:
             noisy[report.experts[i]] = noisy.get(report.experts[i], 0) + 1
     if noisy:
-        lines.append("  storage-noise experts (left out unless drop_noise: false): "
-                     + ", ".join(f"{label} in {count} tensors" for label, count in noisy.items()))
+        lines.append(
+            "  storage-noise experts (left out unless drop_noise: false): "
+            + ", ".join(f"{label} in {count} tensors" for label, count in noisy.items())
+        )
     return lines
 
 
@@ -82,8 +94,10 @@ def _gate_lines(report: InspectReport) -> List[str]:
         names = "/".join(sorted({r.gate_statistic for r in rows}))
         taus = ", ".join(f"{t:g}" for t in sorted({r.parameters.get("tau") for r in rows}))
         hetero = sum(1 for r in rows if r.branch == "heterogeneous")
-        lines.append(f"    {module:<24} {names} {min(values):.3g} .. {max(values):.3g}   "
-                     f"tau {taus}   heterogeneous {hetero}/{len(rows)}")
+        lines.append(
+            f"    {module:<24} {names} {min(values):.3g} .. {max(values):.3g}   "
+            f"tau {taus}   heterogeneous {hetero}/{len(rows)}"
+        )
     return lines
 
 
@@ -92,17 +106,24 @@ def _cost_lines(report: InspectReport) -> List[str]:
     lines = []
     heavy = report.heaviest()
     if heavy is not None:
-        lines.append(f"  heaviest tensor: {heavy.name} {list(heavy.shape)}: "
-                     f"{heavy.flops / 1e9:.3g} GFLOP, ~{human_seconds(heavy.est_seconds)}, "
-                     f"peak {human_bytes(heavy.peak_bytes)}")
+        lines.append(
+            f"  heaviest tensor: {heavy.name} {list(heavy.shape)}: "
+            f"{heavy.flops / 1e9:.3g} GFLOP, ~{human_seconds(heavy.est_seconds)}, "
+            f"peak {human_bytes(heavy.peak_bytes)}"
+        )
     total = sum(r.est_seconds for r in report.rows)
-    lines.append(f"  predicted peak memory: {human_bytes(report.peak_bytes())} "
-                 f"(loaded inputs + output + kernel workspace of the largest tensor)")
+    lines.append(
+        f"  predicted peak memory: {human_bytes(report.peak_bytes())} "
+        f"(loaded inputs + output + kernel workspace of the largest tensor)"
+    )
     source = "given" if report.flop_rate_given else f"measured on {report.device}"
-    lines.append(f"  estimated kernel time: {human_seconds(total)} at "
-                 f"{report.flop_rate / 1e9:.3g} GFLOP/s ({source})")
+    lines.append(
+        f"  estimated kernel time: {human_seconds(total)} at "
+        f"{report.flop_rate / 1e9:.3g} GFLOP/s ({source})"
+    )
     measured = [r.kernel_seconds for r in report.rows if r.kernel_seconds is not None]
     if measured:
-        lines.append(f"  measured kernel time (with diagnostic SVDs): "
-                     f"{human_seconds(sum(measured))}")
+        lines.append(
+            f"  measured kernel time (with diagnostic SVDs): {human_seconds(sum(measured))}"
+        )
     return lines

@@ -14,11 +14,39 @@ from mergekit_ace.inspect.report import InspectReport
 REPORT_NAME = "inspect"
 
 
-CSV_FIELDS = ["name", "layer", "module", "shape", "dtype", "branch", "noise", "gamma", "log_spread", "tau",
-              "gate", "gate_statistic", "eps", "k_frac", "k", "sigma_iso", "solver", "spectral", "rcond",
-              "condition", "boost_ratio", "ridge", "concentration_pre", "concentration_post", "flops",
-              "est_seconds", "kernel_seconds", "kernel_device", "matmul", "workspace_bytes",
-              "peak_bytes"]
+CSV_FIELDS = [
+    "name",
+    "layer",
+    "module",
+    "shape",
+    "dtype",
+    "branch",
+    "noise",
+    "gamma",
+    "log_spread",
+    "tau",
+    "gate",
+    "gate_statistic",
+    "eps",
+    "k_frac",
+    "k",
+    "sigma_iso",
+    "solver",
+    "spectral",
+    "rcond",
+    "condition",
+    "boost_ratio",
+    "ridge",
+    "concentration_pre",
+    "concentration_post",
+    "flops",
+    "est_seconds",
+    "kernel_seconds",
+    "kernel_device",
+    "matmul",
+    "workspace_bytes",
+    "peak_bytes",
+]
 PARAMETER_COLUMNS = ("tau", "gate", "gate_statistic", "eps", "k_frac")
 
 

@@ -72,8 +72,7 @@ def merge_tensor(
     checked = table.check(lam=lam, drop_noise=drop_noise)
     if weights is not None and "weight" not in {p.name for p in table}:
         raise MergeInputError(
-            f"{table.method} takes no per-task weights (its paper defines none); "
-            "pass weights=None."
+            f"{table.method} takes no per-task weights (its paper defines none); pass weights=None."
         )
     prepared = prepare(
         base,

@@ -63,8 +63,9 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
     if n == 0:
         return 1.0
     g = torch.Generator(device=L.device).manual_seed(0)
-    start = torch.linalg.qr(torch.randn(n, min(block, n), generator=g, device=L.device,
-                                        dtype=L.dtype)).Q
+    start = torch.linalg.qr(
+        torch.randn(n, min(block, n), generator=g, device=L.device, dtype=L.dtype)
+    ).Q
     # X^T L (a wide row block times L) rather than L X with a skinny X, and two triangular
     # solves rather than cholesky_solve: the faster forms on CPU.
     X = start
@@ -75,8 +76,10 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
     for _ in range(iterations):
         Y = torch.linalg.solve_triangular(L, X, upper=False)
         X = torch.linalg.qr(torch.linalg.solve_triangular(L.mT, Y, upper=True)).Q
-    inv_smallest = float(torch.linalg.matrix_norm(
-        torch.linalg.solve_triangular(L, X, upper=False), ord=2)) ** 2
+    inv_smallest = (
+        float(torch.linalg.matrix_norm(torch.linalg.solve_triangular(L, X, upper=False), ord=2))
+        ** 2
+    )
     estimate = largest * inv_smallest
     return max(1.0, estimate) if math.isfinite(estimate) else math.inf  # 1: rounding at n = 1
 
@@ -160,8 +163,14 @@ class RightSolver:
         self._factors = factors
 
     @classmethod
-    def factor(cls, B: torch.Tensor, c: Optional[torch.Tensor], *,
-               floor: Optional[float] = None, measure: bool = False) -> "RightSolver":
+    def factor(
+        cls,
+        B: torch.Tensor,
+        c: Optional[torch.Tensor],
+        *,
+        floor: Optional[float] = None,
+        measure: bool = False,
+    ) -> "RightSolver":
         n = B.shape[0]
         # cond(B) <= (lambda_max + floor) / floor <= tr(B) / floor - n + 1
         bound = None
@@ -383,8 +392,14 @@ def _one_product(x: torch.Tensor, precision: str):
     return contextlib.nullcontext()
 
 
-def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0,
-           precision: str = "float32") -> torch.Tensor:
+def addmm_(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    precision: str = "float32",
+) -> torch.Tensor:
     """``out += alpha * a @ b`` in the resolved ``precision`` (see
     :func:`resolve_matmul_precision`)."""
     if precision != "tf32x3" or out.dtype != torch.float32:
@@ -407,8 +422,9 @@ def _three_products(out, a_head, a_rest, b_head, b_rest, alpha):
     return out.addmm_(a_head, b_head, alpha=alpha)
 
 
-def add_gram_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0,
-              precision: str = "float32") -> torch.Tensor:
+def add_gram_(
+    out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, precision: str = "float32"
+) -> torch.Tensor:
     """``out += alpha * x^T x`` with no temporary of ``out``'s size (``x`` split only once
     for ``tf32x3``; otherwise :func:`add_symmetric_`)."""
     if precision != "tf32x3" or x.dtype != torch.float32:
@@ -416,8 +432,7 @@ def add_gram_(out: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0,
             return add_symmetric_(out, x, alpha=alpha)
     head, rest = tf32_split(x)
     with _Tf32(True):
-        return _three_products(out, head.transpose(0, 1), rest.transpose(0, 1), head, rest,
-                               alpha)
+        return _three_products(out, head.transpose(0, 1), rest.transpose(0, 1), head, rest, alpha)
 
 
 def gram(x: torch.Tensor, *, rows: bool = False, precision: str = "float32") -> torch.Tensor:

@@ -64,9 +64,7 @@ def holds_exactly(block: torch.Tensor, fmt: torch.dtype) -> bool:
     """Every value of ``block`` is representable in ``fmt``. For float32 data this is first a
     bit test read in place (bfloat16 keeps float32's top 16 bits, float16 10 of its 23
     mantissa bits)."""
-    bit_test = (
-        block.dtype == torch.float32 and block.is_contiguous() and sys.byteorder == "little"
-    )
+    bit_test = block.dtype == torch.float32 and block.is_contiguous() and sys.byteorder == "little"
     if bit_test and fmt == torch.bfloat16:
         low_halves = block.view(torch.int16)[..., 0::2]  # little-endian: the low 16 bits
         return not bool(low_halves.any())
@@ -101,7 +99,9 @@ def storage_noise(
     size = math.sqrt(energy)
     if size > (1.0 + NOISE_FRACTION) * unit_roundoff(STORAGE_FORMATS[0]) * base_norm:
         return None  # larger than any rounding of the base
-    if rounding is not None and _above_every_rounding(base, expert, size, base_norm, step, rounding):
+    if rounding is not None and _above_every_rounding(
+        base, expert, size, base_norm, step, rounding
+    ):
         return None
     fmt = storage_precision(expert, step)
     squares = 0.0

@@ -107,4 +107,3 @@ class KernelMergeMethod(GroupMergeMethod):
         if self.on_diagnostics is not None:
             self.on_diagnostics(diagnostics)
         return tensor
-

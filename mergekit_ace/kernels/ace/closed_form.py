@@ -110,8 +110,9 @@ def _centered_proxy(rows: TaskVectorRows, t: int, plan: WorkspacePlan):
     return (C if len(blocks) == 1 else None), proxy
 
 
-def _fold_row_proxy(sums: ProxySums, C, row_gram, mu, scale: float, weighted_ridge: float,
-                    matmul: str) -> None:
+def _fold_row_proxy(
+    sums: ProxySums, C, row_gram, mu, scale: float, weighted_ridge: float, matmul: str
+) -> None:
     """``2m < n``: ``C_t S_t = (C C^T) C`` (``4 m^2 n`` flops instead of ``2 m n^2``, no
     ``[n, n]`` temporary)."""
     add_gram_(sums.S, C, alpha=scale, precision=matmul)
@@ -121,8 +122,16 @@ def _fold_row_proxy(sums: ProxySums, C, row_gram, mu, scale: float, weighted_rid
         sums.q.add_((mu @ C.T) @ C, alpha=scale)
 
 
-def _fold_column_proxy(sums: ProxySums, rows: TaskVectorRows, t: int, C, proxy,
-                       scale: float, weighted_ridge: float, plan: WorkspacePlan) -> None:
+def _fold_column_proxy(
+    sums: ProxySums,
+    rows: TaskVectorRows,
+    t: int,
+    C,
+    proxy,
+    scale: float,
+    weighted_ridge: float,
+    plan: WorkspacePlan,
+) -> None:
     """``S += w Shat_t`` and ``N += C_t (w R_t)``, ``w R_t`` formed in the proxy's storage."""
     sums.S.add_(proxy, alpha=scale)
     if sums.q is not None:

@@ -59,8 +59,9 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
     phases = phase_bytes(plan, out_bytes)
     peak = max(phases.values())
     # on a tie, the later phase
-    phase = next(name for name in ("refine", "solve", "accumulate", "finish")
-                 if phases[name] == peak)
+    phase = next(
+        name for name in ("refine", "solve", "accumulate", "finish") if phases[name] == peak
+    )
     grams, solve, spectral = phase_flops(plan, n_experts)
     return {
         "bytes": int(LIBRARY_BYTES + peak),

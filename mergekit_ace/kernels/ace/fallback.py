@@ -96,7 +96,9 @@ def needs_cpu_fallback(
 
 
 def merge_on_cpu(
-    merge: Callable[[torch.Tensor, Sequence[torch.Tensor], AceSettings], Tuple[torch.Tensor, Result]],
+    merge: Callable[
+        [torch.Tensor, Sequence[torch.Tensor], AceSettings], Tuple[torch.Tensor, Result]
+    ],
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     settings: AceSettings,

@@ -237,8 +237,16 @@ def merge_mean(
     return finish(tv.base, merged, settings.lam, settings.out_dtype, names.tensor), diag
 
 
-def _record(diag: AceDiagnostics, decision, k: int, ridge: float, solved: SolveInfo,
-            refinement: Optional[Refinement], spectra: Optional[Spectra], matmul: str) -> None:
+def _record(
+    diag: AceDiagnostics,
+    decision,
+    k: int,
+    ridge: float,
+    solved: SolveInfo,
+    refinement: Optional[Refinement],
+    spectra: Optional[Spectra],
+    matmul: str,
+) -> None:
     """Fill ``diag`` with what the steps of a 2-D merge decided."""
     diag.branch, diag.gamma, diag.log_spread = decision.branch, decision.gamma, decision.log_spread
     diag.k, diag.ridge, diag.matmul = k, ridge, matmul

@@ -52,8 +52,14 @@ class ResidualRows:
     ``Rbar = B / sum w`` and ``Q = N - C_eps``, re-formed a block of rows at a time;
     ``T_sum = sum w tau_t`` and ``C_eps = sum w eps_t C_t`` come from the inputs."""
 
-    def __init__(self, rows: TaskVectorRows, weights: Sequence[float], sums: ProxySums,
-                 B: torch.Tensor, matmul: str):
+    def __init__(
+        self,
+        rows: TaskVectorRows,
+        weights: Sequence[float],
+        sums: ProxySums,
+        B: torch.Tensor,
+        matmul: str,
+    ):
         self.rows, self.weights, self.sums, self.B, self.matmul = rows, weights, sums, B, matmul
         self.weight_total = float(sum(weights))
         # sum w eps_t mu_t
@@ -104,16 +110,18 @@ def solve_and_refine(
     return _refine_held(W_pre, F, plan, solver)
 
 
-def _refine_held(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan,
-                 solver: RightSolver) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
+def _refine_held(
+    W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan, solver: RightSolver
+) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """The refinement of a preliminary solution ``W`` whose ``F`` is held whole."""
     refinement = isotropic_update_(W, F, plan)
     solver.check_condition(refinement.boost_ratio or 1.0)
     return W, solver.info, refinement
 
 
-def _refine_streaming(residual: ResidualRows, solver: RightSolver, N: torch.Tensor,
-                      plan: WorkspacePlan) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
+def _refine_streaming(
+    residual: ResidualRows, solver: RightSolver, N: torch.Tensor, plan: WorkspacePlan
+) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """``F`` re-formed block by block: for its float64 Gram, then again for the update."""
 
     def f_rows(start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
