@@ -13,6 +13,11 @@ directions as a float32 one. The decisions, and who makes them:
 - :data:`GRAM_EIGH_MIN_RATIO`: ACE's refinement takes its top ``k`` directions from the Gram's
   eigendecomposition only while ``s_k >= GRAM_EIGH_MIN_RATIO * s_1`` (``linalg.
   isotropic_projector``), else from the SVD, where :func:`rank_tolerance` applies.
+- ``linalg.polar_from_gram`` (the fallback of an SVD that does not converge) keeps the
+  eigenvalues above ``k`` float64 epsilons of the largest.
+
+A cut-off that should depend on how the experts were stored can get each expert's storage
+precision from :func:`~mergekit_ace.kernels.storage_noise.storage_precision`.
 """
 
 from __future__ import annotations

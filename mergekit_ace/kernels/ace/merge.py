@@ -190,7 +190,9 @@ def merge_matrix(
         base.shape, settings.element_bytes, k, spectra=settings.spectra, matmul=settings.matmul
     )
     rows = TaskVectorRows(base, [experts[i] for i in who.indices], settings.dtype, scan.means)
+    # steps 2-3
     sums = accumulate(rows, who.weights, plan, heterogeneous=heterogeneous, ridge=settings.ridge)
+    # step 4
     system = build_system(
         sums, who.energies, heterogeneous=heterogeneous, prior=settings.prior, ridge=settings.ridge
     )
