@@ -15,8 +15,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_ace.card import SECTION_TITLE
+from mergekit_ace.kernels.ace import ace_merge
+from mergekit_ace.kernels.actmat import actmat_merge
+from mergekit_ace.kernels.iso_c import iso_c_merge
+from mergekit_ace.kernels.iso_cts import iso_cts_merge
+from mergekit_ace.kernels.tsv import tsv_merge
 from mergekit_ace.methods import our_method
 
+# Every method's kernel, by its merge_method name.
+KERNELS = {
+    "ace": ace_merge,
+    "actmat": actmat_merge,
+    "tsv": tsv_merge,
+    "iso_c": iso_c_merge,
+    "iso_cts": iso_cts_merge,
+}
 # The tensor broken copies of the tiny checkpoints break.
 TENSOR = "model.layers.1.mlp.up_proj.weight"
 

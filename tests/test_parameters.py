@@ -15,13 +15,14 @@ import torch
 
 from mergekit_ace.kernels.ace import ace_merge
 from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS
-from mergekit_ace.kernels.actmat import ACTMAT_PARAMETERS, actmat_merge
+from mergekit_ace.kernels.actmat import ACTMAT_PARAMETERS
 from mergekit_ace.kernels.datafree import merge_tensor
-from mergekit_ace.kernels.iso_c import ISO_C_PARAMETERS, iso_c_merge
-from mergekit_ace.kernels.iso_cts import ISO_CTS_PARAMETERS, iso_cts_merge
+from mergekit_ace.kernels.iso_c import ISO_C_PARAMETERS
+from mergekit_ace.kernels.iso_cts import ISO_CTS_PARAMETERS
 from mergekit_ace.kernels.parameters import PER_MODEL
-from mergekit_ace.kernels.tsv import TSV_PARAMETERS, tsv_merge
+from mergekit_ace.kernels.tsv import TSV_PARAMETERS
 from mergekit_ace.methods import our_method
+from tests.helpers import KERNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
@@ -30,13 +31,6 @@ TABLES = {
     "tsv": TSV_PARAMETERS,
     "iso_c": ISO_C_PARAMETERS,
     "iso_cts": ISO_CTS_PARAMETERS,
-}
-KERNELS = {
-    "ace": ace_merge,
-    "actmat": actmat_merge,
-    "tsv": tsv_merge,
-    "iso_c": iso_c_merge,
-    "iso_cts": iso_cts_merge,
 }
 SHARED_VALUES = {
     "drop_noise": [True, False, "no", 2],

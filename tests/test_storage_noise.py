@@ -8,20 +8,10 @@ import pytest
 import torch
 
 from mergekit_ace.kernels.ace import ace_merge
-from mergekit_ace.kernels.actmat import actmat_merge
 from mergekit_ace.kernels.reports import reset_reports
 from mergekit_ace.kernels.storage_noise import storage_precision
-from mergekit_ace.kernels.iso_c import iso_c_merge
-from mergekit_ace.kernels.iso_cts import iso_cts_merge
 from mergekit_ace.kernels.tsv import tsv_merge
-
-KERNELS = {
-    "ace": ace_merge,
-    "actmat": actmat_merge,
-    "tsv": tsv_merge,
-    "iso_c": iso_c_merge,
-    "iso_cts": iso_cts_merge,
-}
+from tests.helpers import KERNELS
 
 
 @pytest.fixture(autouse=True)
