@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import MergeMethod
@@ -32,13 +32,17 @@ REGISTRY_MODULE = "mergekit.merge_methods.registry"
 MERGE_TASK_MODULE = "mergekit.merge_methods.task_adapter"
 IO_TASKS_MODULE = "mergekit.io.tasks"
 LOADER_MODULE = "mergekit.io.lazy_tensor_loader"
+GRAPH_MODULE = "mergekit.graph"
+WRITER_MODULE = "mergekit.io.tensor_writer"
 
 # The private names used below, and the fields of mergekit's task graph read below, per module
-# (tests/test_compat.py checks each one).
+# (tests/test_compat.py checks each one). mergekit_ace.overlap subclasses
+# mergekit.graph.Executor: it overrides ``_run`` (the generator ``run`` wraps) and reuses
+# ``_move_tensors``.
 INTERNALS = {
     REGISTRY_MODULE: ("_METHODS",),
     PLANNER_MODULE: ("MergePlanner._plan", "MergePlanner._tensors"),
-    MERGE_MODULE: ("_model_out_config", "generate_card", "run_merge"),
+    MERGE_MODULE: ("_model_out_config", "generate_card", "run_merge", "Executor"),
     MERGE_TASK_MODULE: (
         "ExecuteMergeMethodTask.method_name",
         "ExecuteMergeMethodTask.gather_tensors",
@@ -48,13 +52,24 @@ INTERNALS = {
         "ExecuteMergeMethodTask.parameters",
         "ExecuteMergeMethodTask.input_parameters",
     ),
-    IO_TASKS_MODULE: ("GatherTensors.weight_info", "GatherTensors.dtype", "LoaderCache.get"),
+    IO_TASKS_MODULE: (
+        "GatherTensors.weight_info",
+        "GatherTensors.dtype",
+        "LoaderCache.get",
+        "LoaderCache._instance",
+    ),
     LOADER_MODULE: (
         "LazyTensorLoader.index",
         "ShardedTensorIndex.tensor_paths",
         "ShardedTensorIndex.base_path",
     ),
-    "mergekit.graph": ("Executor.run",),
+    GRAPH_MODULE: ("Executor.run", "Executor._run", "Executor._move_tensors"),
+    WRITER_MODULE: (
+        "TensorWriter._get_name_components",
+        "TensorWriter._write_futures",
+        "TensorWriter._executor",
+        "TensorWriter.shards_written",
+    ),
 }
 
 
@@ -127,6 +142,9 @@ _config_checks: List[Callable[[Any, Optional[str]], None]] = []
 _plan_checks: List[Callable[[Any], None]] = []
 _card_extensions: List[Callable[[Any, str], str]] = []
 _merge_ends: List[Callable[[Any], None]] = []
+_executor_choices: List[Callable[[Any, Any], Optional[Callable[..., Any]]]] = []
+# The executor factory chosen for the run_merge in progress (None: mergekit's own Executor).
+_chosen_executor = contextvars.ContextVar("mergekit_ace_executor", default=None)
 # Set while run_merge runs, so the planner does not check the same config a second time.
 _checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
 
@@ -152,6 +170,31 @@ def on_merge_end(report: Callable[[Any], None]) -> None:
     merged model."""
     if report not in _merge_ends:
         _merge_ends.append(report)
+
+
+def on_executor(choose: Callable[[Any, Any], Optional[Callable[..., Any]]]) -> None:
+    """Let ``choose(merge_configuration, options)`` pick the executor of each ``run_merge``:
+    a callable taking mergekit's ``Executor`` arguments (``targets, math_device,
+    storage_device``) and returning an object with its ``run(quiet=...)``, or ``None`` to keep
+    mergekit's own. The first choice that is not ``None`` wins; ``--multi-gpu`` merges keep
+    mergekit's ``MultiGPUExecutor`` whatever is chosen (``run_merge`` does not build an
+    ``Executor`` for them)."""
+    if choose not in _executor_choices:
+        _executor_choices.append(choose)
+
+
+def _choose_executor(config: Any, options: Any) -> Optional[Callable[..., Any]]:
+    for choose in _executor_choices:
+        try:
+            factory = choose(config, options)
+        except Exception as error:  # a failing choice must not stop a merge mergekit accepts
+            logging.getLogger("mergekit_ace").warning(
+                "mergekit-ace could not choose an executor (%r); using mergekit's.", error
+            )
+            continue
+        if factory is not None:
+            return factory
+    return None
 
 
 def on_card(extend: Callable[[Any, str], str]) -> None:
@@ -201,11 +244,14 @@ def _patch_merge(module: Any) -> None:
     def run_merge(merge_config, *args, **kwargs):
         # run_merge(merge_config, out_path, options, config_source=None)
         source = kwargs.get("config_source", args[2] if len(args) > 2 else None)
+        options = kwargs.get("options", args[1] if len(args) > 1 else None)
         _run_checks(merge_config, source if isinstance(source, str) else None)
         token = _checked.set(True)
+        executor = _chosen_executor.set(_choose_executor(merge_config, options))
         try:
             result = original_run(merge_config, *args, **kwargs)
         finally:
+            _chosen_executor.reset(executor)
             _checked.reset(token)
         for report in _merge_ends:
             report(merge_config)
@@ -220,9 +266,54 @@ def _patch_merge(module: Any) -> None:
             card = extend(config, card)
         return card
 
+    # run_merge builds its (single-device) executor by looking ``Executor`` up in its module
+    original_executor = module.Executor
+
+    def Executor(*args, **kwargs):
+        return (_chosen_executor.get() or original_executor)(*args, **kwargs)
+
+    Executor.mergekit_executor = original_executor
     run_merge._mergekit_ace = True
     module.run_merge = run_merge
     module.generate_card = generate_card
+    module.Executor = Executor
+
+
+# --- what the overlapped executor's worker threads need -------------------------------
+
+
+def share_loader_cache() -> Callable[[], None]:
+    """mergekit's ``LoaderCache`` is one instance per thread whose settings (LoRA cache,
+    ``--lazy-unpickle``, ``--trust-remote-code``) ``run_merge`` sets on its own thread only.
+    Called on that thread, returns a function that gives the calling (worker) thread's
+    instance the same settings; the loaders themselves are shared by every instance."""
+    from mergekit.io.tasks import LoaderCache
+
+    settings = dict(vars(LoaderCache()))
+
+    def install() -> None:
+        vars(LoaderCache()).update(settings)
+
+    return install
+
+
+def unfinished_shards(writer: Any) -> List[str]:
+    """Paths of the shard files a mergekit ``TensorWriter`` has started (under the temporary
+    names ``model-N.safetensors`` that ``finalize`` renames), after waiting for its
+    ``--async-write`` threads; the writer takes no more work."""
+    for future in list(getattr(writer, "_write_futures", [])):
+        try:
+            future.result()
+        except Exception:  # the error that matters was raised elsewhere
+            pass
+    pool = getattr(writer, "_executor", None)
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+    prefix, extension = writer._get_name_components()
+    return [
+        os.path.join(writer.out_path, f"{prefix}-{index + 1}.{extension}")
+        for index in range(writer.shards_written)
+    ]
 
 
 _PATCHES = {PLANNER_MODULE: _patch_planner, MERGE_MODULE: _patch_merge}
@@ -274,6 +365,13 @@ def planned_tensor(merge_task: Any) -> PlannedTensor:
         model_parameters={m: dict(v.items()) for m, v in merge_task.input_parameters.items()},
         task=merge_task,
     )
+
+
+def merge_tasks(tasks: Iterable[Any]) -> List[PlannedTensor]:
+    """The merge tasks (``ExecuteMergeMethodTask``) among the tasks of a task graph, read."""
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    return [planned_tensor(task) for task in tasks if isinstance(task, ExecuteMergeMethodTask)]
 
 
 def gather_of(merge_task: Any) -> Any:

@@ -43,13 +43,15 @@ def register_all() -> List[str]:
 
 def install_hooks() -> None:
     """Check every merge configuration before planning (unknown parameters) and after it (the
-    experts' tensor shapes), report the kernels' findings per merge, and credit this package's
-    methods on the model card; idempotent."""
+    experts' tensor shapes), report the kernels' findings per merge, run merges with this
+    package's methods on the overlapped executor, and credit the methods on the model card;
+    idempotent."""
     compat.on_config(config_check.warn_ineffective_parameters)
     compat.on_config(start_reports)
     compat.on_plan(shapes.check_planned_shapes)
     compat.on_card(card.extend_card)
     compat.on_merge_end(summarize_reports)
+    compat.on_executor(choose_executor)
     pending = [name for name in compat.PATCHED_MODULES if not compat.patch_loaded(name)]
     if pending:
         try:
@@ -61,6 +63,14 @@ def install_hooks() -> None:
             )
             return
         _mergekit_ace_autoload.install(pending)
+
+
+def choose_executor(config: Any, options: Any) -> Any:
+    """The overlapped executor for merges with this package's methods
+    (:mod:`mergekit_ace.overlap`, imported only when a merge runs)."""
+    from mergekit_ace.overlap import choose_executor as choose
+
+    return choose(config, options)
 
 
 def start_reports(config: Any = None, source: Any = None) -> None:

@@ -212,3 +212,103 @@ def test_planned_tensor_reads_the_task_graph(tiny_family):
         compat.execute([task], math_device="cpu", storage_device="cpu", quiet=True, desc="test")
     )
     assert tuple(results[task].shape) == (64, 32)
+
+
+def test_run_merge_builds_its_executor_through_the_module_global():
+    """run_merge looks ``Executor`` up in its module (what the executor choice replaces) and
+    iterates ``run(quiet=...)``; the replacement keeps mergekit's class at hand."""
+    from mergekit import graph, merge
+
+    source = inspect.getsource(inspect.unwrap(merge.run_merge))
+    assert "exec = Executor(" in source and "exec.run(quiet=options.quiet)" in source
+    assert "math_device=options.device" in source
+    assert merge.Executor.mergekit_executor is graph.Executor
+    assert list(inspect.signature(graph.Executor._run).parameters) == ["self", "quiet", "desc"]
+    assert list(inspect.signature(graph.Executor._move_tensors).parameters)[:3] == [
+        "self",
+        "value",
+        "device",
+    ]
+
+
+def test_executor_choice_lasts_one_run_merge(tiny_family, tmp_path, monkeypatch, caplog):
+    from mergekit.config import MergeConfiguration
+    from mergekit.graph import Executor
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    built = []
+
+    def choose(config, options):
+        if config.merge_method == "ace":
+            return lambda *args, **kwargs: built.append(options.device) or Executor(*args, **kwargs)
+        return None
+
+    def broken(config, options):
+        raise RuntimeError("cannot decide")
+
+    monkeypatch.setattr(compat, "_executor_choices", [broken, choose])
+    config = {
+        "merge_method": "ace",
+        "base_model": str(tiny_family["base"]),
+        "models": model_list(tiny_family, list(EXPERT_SCALES)),
+    }
+    run_merge(
+        MergeConfiguration.model_validate(config),
+        str(tmp_path / "a"),
+        options=MergeOptions(quiet=True),
+    )
+    assert built == ["cpu"] and compat._chosen_executor.get() is None
+    assert "could not choose an executor (RuntimeError('cannot decide'))" in caplog.text
+    ta = {
+        **config,
+        "merge_method": "task_arithmetic",
+        "models": model_list(
+            tiny_family, list(EXPERT_SCALES), {n: {"weight": 1.0} for n in EXPERT_SCALES}
+        ),
+    }
+    run_merge(
+        MergeConfiguration.model_validate(ta), str(tmp_path / "b"), options=MergeOptions(quiet=True)
+    )
+    assert built == ["cpu"]
+    assert (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_worker_threads_get_the_loader_cache_settings():
+    import threading
+
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    LoaderCache().setup(MergeOptions(lazy_unpickle=True, lora_merge_cache="/tmp/lora-cache"))
+    install = compat.share_loader_cache()
+    seen = {}
+
+    def worker():
+        seen["before"] = LoaderCache().lora_cache_dir
+        install()
+        cache = LoaderCache()
+        seen["after"] = (
+            cache.lora_cache_dir,
+            cache.lazy_unpickle,
+            cache.loaders is LoaderCache.loaders,
+        )
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    LoaderCache().setup(MergeOptions())
+    assert seen == {"before": None, "after": ("/tmp/lora-cache", True, True)}
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_unfinished_shards_are_the_writers_temporary_files(tmp_path, use_async):
+    import torch
+    from mergekit.io.tensor_writer import TensorWriter
+
+    writer = TensorWriter(str(tmp_path), max_shard_size=1000, use_async=use_async)
+    for i in range(3):
+        writer.save_tensor(f"t{i}", torch.zeros(200))  # 800 bytes: one shard each
+    paths = compat.unfinished_shards(writer)
+    assert [Path(p).name for p in paths] == ["model-1.safetensors", "model-2.safetensors"]
+    assert all(Path(p).exists() for p in paths)

@@ -6,7 +6,14 @@ import torch
 import mergekit_ace.kernels.ace.workspace as workspace
 from mergekit_ace.kernels.ace import ace_merge
 from tests.reference import reference_ace, rel_err
-from tests.helpers import low_rank_experts, rank_deficient_experts
+from tests.helpers import (
+    SMALL_SHARDS,
+    assert_same_files,
+    config_of,
+    low_rank_experts,
+    rank_deficient_experts,
+    serial_and_overlapped,
+)
 from tests.tiny_models import EXPERT_SCALES, load_state, mergekit_yaml, model_list, write_config
 
 pytestmark = [
@@ -110,3 +117,88 @@ def test_condition_number_on_cuda_matches_cpu():
     )
     assert gpu.solver == cpu.solver == "cholesky"
     assert gpu.condition == pytest.approx(cpu.condition, rel=0.05)
+
+
+# --- the overlapped executor on a GPU (mergekit_ace.overlap) ------------------------------
+
+
+def test_staging_copies_every_byte_through_pinned_buffers():
+    from mergekit_ace.overlap import Staging
+
+    staging = Staging("cuda", chunk_bytes=1000, slots=2)
+    assert all(buffer.is_pinned() for buffer in staging.buffers)
+    assert staging.stream != torch.cuda.current_stream()
+    for tensor in (
+        torch.randn(1000, 37),
+        torch.randn(64, 8).to(torch.bfloat16).t(),
+        torch.arange(5001),
+        torch.rand(999) > 0.5,
+        torch.empty(0, 3),
+    ):
+        out, event = staging.copy(tensor)
+        torch.cuda.current_stream().wait_event(event)
+        assert out.is_cuda and out.dtype == tensor.dtype and torch.equal(out.cpu(), tensor)
+    half = torch.randn(300, 7).to(torch.bfloat16)
+    out, event = staging.copy(half, torch.float32)
+    event.synchronize()
+    assert out.dtype == torch.float32 and torch.equal(out.cpu(), half.float())
+
+
+def test_staging_and_the_writers_copy_do_not_wait_for_the_merge():
+    """The point of the copy streams: a copy to the GPU (reader) and one back (writer) end
+    while a long kernel still runs on the main thread's stream."""
+    import threading
+
+    from mergekit_ace.overlap import Staging
+
+    staging = Staging("cuda")
+    source = torch.randn(16 * 2**20)  # 64 MiB
+    result = torch.randn(16 * 2**20, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(3e9))  # ~1.5 s of spinning on the default stream
+    done = {}
+
+    def reader():
+        with torch.cuda.stream(staging.stream):
+            out, event = staging.copy(source)
+            event.synchronize()
+            done["read"] = torch.equal(out.cpu(), source)
+
+    def writer():
+        with torch.cuda.stream(torch.cuda.Stream()):
+            done["write"] = result.cpu().shape == result.shape
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done == {"read": True, "write": True}
+    assert not torch.cuda.current_stream().query()  # the kernel is still running
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize(
+    "case", ["cuda", "low_cpu_memory", "read_to_gpu", "tokenizer", "tsv", "bfloat16"]
+)
+def test_overlapped_gpu_merge_writes_what_the_serial_one_writes(
+    tiny_family, more_inputs, tmp_path, monkeypatch, case
+):
+    family = {**tiny_family, **more_inputs}
+    flags = ["--cuda", *SMALL_SHARDS]
+    config = config_of(family)
+    if case == "low_cpu_memory":
+        flags.append("--low-cpu-memory")
+    elif case == "read_to_gpu":
+        flags.append("--read-to-gpu")
+    elif case == "tokenizer":
+        config = config_of(
+            family, names=list(EXPERT_SCALES) + ["expert_token"], tokenizer={"source": "union"}
+        )
+    elif case == "tsv":
+        config = config_of(family, "tsv")
+    elif case == "bfloat16":
+        config.update(dtype="bfloat16", out_dtype="float16")
+        flags.append("--read-to-gpu")
+    serial, overlapped = serial_and_overlapped(monkeypatch, tmp_path, config, *flags)
+    assert_same_files(serial, overlapped)

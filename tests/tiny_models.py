@@ -120,12 +120,25 @@ def _cli(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def run_cli(name: str, args: Iterable[str], *, env: Optional[dict] = None, check: bool = True):
-    """Run a console script of this environment in a fresh process; return the result."""
+def run_cli(
+    name: str,
+    args: Iterable[str],
+    *,
+    env: Optional[dict] = None,
+    check: bool = True,
+    preexec_fn=None,
+):
+    """Run a console script of this environment in a fresh process (``preexec_fn`` runs in it
+    first); return the result."""
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("HF_HUB_OFFLINE", "1")
     result = subprocess.run(
-        [_cli(name), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=600
+        [_cli(name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
+        preexec_fn=preexec_fn,
     )
     if check and result.returncode != 0:
         raise AssertionError(
