@@ -262,8 +262,8 @@ def plot_timelines(rows, path, traces=None):
         )
         ax.invert_yaxis()
         ax.set_title(
-            f"{r.get('spec', r['method'])}, {'cold' if r.get('cold') else 'hot'} page "
-            f"cache: {r['seconds']:.1f} s",
+            f"{r.get('label', '')}{r.get('spec', r['method'])}, "
+            f"{'cold' if r.get('cold') else 'hot'} page cache: {r['seconds']:.1f} s",
             fontsize=9,
             loc="left",
         )
