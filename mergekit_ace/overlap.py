@@ -420,7 +420,6 @@ class OverlappedExecutor(Executor):
         )
         self.placement = {h: self._placement(h) for h in self.reads}
         self.device_reserve = self._device_reserve() if self._on_cuda(self.math_device) else 0
-        self.budget = Budget(self.lookahead_bytes)
         self.staging: Optional[Staging] = None
         LOG.info(
             "mergekit-ace: reading up to %s ahead of the merges and writing behind them on "
@@ -520,15 +519,16 @@ class OverlappedExecutor(Executor):
             value, dtype = task.execute(), None
         if value is None:
             return _Read(None, 0)
-        touch_pages(value)
         nbytes = tensor_bytes(value) if dtype is None else value.numel() * dtype.itemsize
         self.budget.acquire(nbytes, READ)
-        if device is None or value.device == device:
+        moves = device is not None and value.device != device
+        if moves and self.staging is not None and self._device_room(device, nbytes):
+            value, event = self.staging.copy(value, dtype)  # reads the pages itself
+            return _Read(value, nbytes, event=event, staged=True)
+        touch_pages(value)
+        if not moves:
             return _Read(value, nbytes)
-        if self.staging is None or not self._device_room(device, nbytes):
-            return _Read(value, nbytes, finish=(device, dtype) if task.device else None)
-        value, event = self.staging.copy(value, dtype)
-        return _Read(value, nbytes, event=event, staged=True)
+        return _Read(value, nbytes, finish=(device, dtype) if task.device else None)
 
     def _read_all(self) -> None:
         for handle in self.reads:
@@ -686,6 +686,7 @@ class OverlappedExecutor(Executor):
         if self._on_cuda(self.math_device) or self._on_cuda(self.storage_device):
             device = self.math_device if self._on_cuda(self.math_device) else self.storage_device
             self.staging = Staging(device)
+        self.budget = Budget(self.lookahead_bytes)
         self.ready: Dict[TaskHandle, _Read] = {}
         self.queue: collections.deque = collections.deque()
         self.done: Set[TaskHandle] = set()
