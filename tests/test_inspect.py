@@ -110,6 +110,8 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
             tuple(base.shape), len(experts), 4, out_bytes=4, refine=diag.branch == "heterogeneous"
         )
         assert row["flops"] == pytest.approx(cost["flops"])
+        assert row["flops_float64"] == pytest.approx(cost["flops_float64"])
+        assert (row["flops_float64"] > 0) == (diag.branch == "heterogeneous")
         assert row["workspace_bytes"] == cost["bytes"]
         assert row["peak_bytes"] == cost["bytes"] + (len(experts) + 1) * base.numel() * 4
         assert row["est_seconds"] == pytest.approx(cost["flops"] / inspected["report"]["flop_rate"])
@@ -127,6 +129,7 @@ def test_csv_has_one_row_per_tensor_with_energy_columns(inspected):
     for rec in records:
         row = inspected["rows"][rec["name"]]
         assert rec["branch"] == row["branch"]
+        assert float(rec["flops_float64"]) == pytest.approx(row["flops_float64"])
         for label, energy in zip(LABELS, row["energies"]):
             assert float(rec[f"energy[{label}]"]) == pytest.approx(energy)
         if row["gamma"] is not None:
@@ -373,6 +376,14 @@ def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
     assert report.peak_bytes() == heaviest.peak_bytes == embed
     text = summary_text(report)
     assert "estimate only" in text and "GB" in text
+    # float64 work: the refinement's Gram of F and its eigh, wherever the refinement may run
+    assert down.flops_float64 == estimate_ace_cost((4096, 14336), 3, 4)["flops_float64"] > 0
+    total = sum(r.flops for r in report.rows)
+    float64 = sum(r.flops_float64 for r in report.rows)
+    assert 0.05 < float64 / total < 0.15
+    assert f"float64 work: {float64 / 1e12:.3g} of {total / 1e12:.3g} TFLOP" in text
+    summary = report.as_dict()["summary"]
+    assert summary["flops_float64"] == pytest.approx(float64)
 
 
 def test_cuda_flag_without_a_gpu_fails_cleanly(tmp_path, tiny_family):

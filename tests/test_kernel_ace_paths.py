@@ -152,6 +152,25 @@ def test_estimate_keeps_its_keys_and_does_not_grow_with_experts():
     assert estimate_ace_cost((8,), 3)["bytes"] == 64
 
 
+def test_float64_share_of_the_work():
+    """The refinement's Gram of F (``x^T x`` on F's short side, blocks above the diagonal once:
+    k (r^2 + 4 (r/4)^2) for four blocks of r/4) and its eigh (10 r^3 / 3) run in float64
+    whatever the compute dtype; the rest in it."""
+    m, n, r = 4096, 14336, 4096
+    het = estimate_ace_cost((m, n), 3)
+    gram_of_f = n * (r * r + 4 * (r // 4) ** 2)
+    assert het["flops_float64"] == pytest.approx(gram_of_f + 10 * r**3 / 3)
+    assert het["flops_float64"] < het["flops_spectral"] < het["flops"]
+    assert het["flops"] == pytest.approx(
+        het["flops_grams"] + het["flops_solve"] + het["flops_spectral"]
+    )
+    assert estimate_ace_cost((m, n), 3, refine=False)["flops_float64"] == 0
+    in_float64 = estimate_ace_cost((m, n), 3, 8)
+    assert in_float64["flops_float64"] == in_float64["flops"]
+    assert estimate_ace_cost((8,), 3)["flops_float64"] == 0
+    assert estimate_ace_cost((8,), 3, 8)["flops_float64"] == estimate_ace_cost((8,), 3)["flops"]
+
+
 LLAMA3_8B = {
     "q_proj": (4096, 4096),
     "k_proj": (1024, 4096),

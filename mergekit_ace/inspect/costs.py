@@ -54,7 +54,8 @@ def tensor_cost(
     k_frac: float = ACE_PARAMETERS.default("k_frac"),
     matmul: str = "float32",
 ) -> Dict[str, float]:
-    """Flops, estimated seconds, kernel workspace and predicted peak memory of one tensor.
+    """Flops (and the float64 part of them), estimated seconds, kernel workspace and predicted
+    peak memory of one tensor.
 
     ``refine``: whether the spectral step runs (heterogeneous branch with ``refine: true``),
     on ``floor(k_frac * min(m, n))`` directions; ``matmul``: the resolved product precision
@@ -74,6 +75,7 @@ def tensor_cost(
     peak = (n_experts + 1) * math.prod(shape) * load_bytes + cost["bytes"]
     return {
         "flops": float(cost["flops"]),
+        "flops_float64": float(cost["flops_float64"]),
         "est_seconds": float(cost["flops"]) / flop_rate if flop_rate > 0 else float("nan"),
         "workspace_bytes": int(cost["bytes"]),
         "peak_bytes": int(peak),

@@ -51,6 +51,7 @@ class TensorRow:
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None
     flops: float = 0.0
+    flops_float64: float = 0.0  # the part of flops done in float64 (refinement's Gram of F, eigh)
     est_seconds: float = 0.0
     workspace_bytes: int = 0
     peak_bytes: int = 0
@@ -111,6 +112,8 @@ class InspectReport:
                 "heaviest": self.heaviest().name if self.rows else None,
                 "peak_bytes": self.peak_bytes(),
                 "est_seconds": sum(r.est_seconds for r in self.rows),
+                "flops": sum(r.flops for r in self.rows),
+                "flops_float64": sum(r.flops_float64 for r in self.rows),
             },
             "rows": [r.as_dict() for r in self.rows],
         }

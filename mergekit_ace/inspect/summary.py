@@ -102,7 +102,8 @@ def _gate_lines(report: InspectReport) -> List[str]:
 
 
 def _cost_lines(report: InspectReport) -> List[str]:
-    """The heaviest tensor, the predicted peak memory, the estimated and measured time."""
+    """The heaviest tensor, the predicted peak memory, the estimated time (and the float64 share
+    of the work) and the measured time."""
     lines = []
     heavy = report.heaviest()
     if heavy is not None:
@@ -121,6 +122,14 @@ def _cost_lines(report: InspectReport) -> List[str]:
         f"  estimated kernel time: {human_seconds(total)} at "
         f"{report.flop_rate / 1e9:.3g} GFLOP/s ({source})"
     )
+    flops = sum(r.flops for r in report.rows)
+    float64 = sum(r.flops_float64 for r in report.rows)
+    if float64:
+        lines.append(
+            f"  float64 work: {float64 / 1e12:.3g} of {flops / 1e12:.3g} TFLOP "
+            f"({100 * float64 / flops:.1f} %), which consumer GPUs run at 1/32-1/64 of "
+            "their float32 rate"
+        )
     measured = [r.kernel_seconds for r in report.rows if r.kernel_seconds is not None]
     if measured:
         lines.append(

@@ -40,6 +40,7 @@ CSV_FIELDS = [
     "concentration_pre",
     "concentration_post",
     "flops",
+    "flops_float64",
     "est_seconds",
     "kernel_seconds",
     "kernel_device",

@@ -14,6 +14,9 @@ from mergekit_ace.kernels.linalg import SPLIT_BLOCK_BYTES, symmetric_product_flo
 # the projector; the linear-algebra libraries' own buffers add about 8 MiB whatever the size.
 EIGH = 5 * 8
 LIBRARY_BYTES = 8 * 2**20
+# Work of an eigh with eigenvectors of an [r, r] matrix, per r^3: 4/3 to tridiagonalize and 2 to
+# transform the eigenvectors back (the divide-and-conquer step between usually costs less).
+EIGH_FLOPS = 10 / 3
 
 
 def estimate_ace_cost(
@@ -34,13 +37,19 @@ def estimate_ace_cost(
     dtype's size (4: float32), ``out_bytes`` the output dtype's (2: bfloat16); ``matmul`` the
     resolved product precision (``tf32x3`` holds a block's two halves). ``refine=False`` (or
     ``k_frac=0``) gives the homogeneous branch (no spectral step). Also returned: ``flops``
-    (total), ``flops_grams`` / ``flops_solve`` / ``flops_spectral`` (its parts), ``phase``
-    (which phase sets the peak: ``"accumulate"``, ``"solve"``, ``"refine"`` or ``"finish"``)
-    and the workspace ``plan`` it follows.
+    (total), ``flops_grams`` / ``flops_solve`` / ``flops_spectral`` (its parts),
+    ``flops_float64`` (the part done in float64 whatever the compute dtype: the refinement's
+    Gram of ``F`` and its ``eigh``), ``phase`` (which phase sets the peak: ``"accumulate"``,
+    ``"solve"``, ``"refine"`` or ``"finish"``) and the workspace ``plan`` it follows.
     """
     if len(shape) != 2:
         size = math.prod(shape)
-        return {"bytes": 2 * size * bytes_per_element, "flops": 2 * n_experts * size}
+        flops = 2 * n_experts * size
+        return {
+            "bytes": 2 * size * bytes_per_element,
+            "flops": flops,
+            "flops_float64": flops if bytes_per_element == 8 else 0,
+        }
     k = math.floor(min(shape) * k_frac) if refine else 0
     plan = plan_workspace(tuple(shape), bytes_per_element, k, matmul=matmul)
     return {**workspace_cost(plan, n_experts, out_bytes), "plan": plan}
@@ -54,7 +63,10 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
     (task vectors are formed a block at a time, so nothing grows with ``T``), the returned
     tensor included: ``out_bytes`` per element when the output dtype differs from the compute
     dtype (bfloat16: 2), none when it does not (the result is written in place). Flops count
-    the matrix products, the Cholesky factorization and the triangular solves.
+    the matrix products, the Cholesky factorization, the triangular solves and the spectral
+    step's ``eigh``; ``flops_float64`` is the part done in float64 whatever the compute dtype
+    (the refinement's Gram of ``F`` and its ``eigh``; all of it when computing in float64),
+    which consumer GPUs run at 1/32-1/64 of their float32 rate.
     """
     phases = phase_bytes(plan, out_bytes)
     peak = max(phases.values())
@@ -62,13 +74,15 @@ def workspace_cost(plan: WorkspacePlan, n_experts: int, out_bytes: int = 2) -> d
     phase = next(
         name for name in ("refine", "solve", "accumulate", "finish") if phases[name] == peak
     )
-    grams, solve, spectral = phase_flops(plan, n_experts)
+    grams, solve, spectral, float64 = phase_flops(plan, n_experts)
+    flops = grams + solve + spectral
     return {
         "bytes": int(LIBRARY_BYTES + peak),
-        "flops": float(grams + solve + spectral),
+        "flops": float(flops),
         "flops_grams": float(grams),
         "flops_solve": float(solve),
         "flops_spectral": float(spectral),
+        "flops_float64": float(flops if plan.element_bytes == 8 else float64),
         "phase": phase,
     }
 
@@ -111,8 +125,9 @@ def _refine_bytes(plan: WorkspacePlan, blk: int, split: int) -> int:
 
 
 def phase_flops(plan: WorkspacePlan, n_experts: int) -> tuple:
-    """``(Gram products, solve, spectral step)`` flops; the Grams are symmetric products
-    (``linalg.add_symmetric_``), full ones under ``tf32x3``."""
+    """``(Gram products, solve, spectral step, its float64 part)`` flops; the Grams are
+    symmetric products (``linalg.add_symmetric_``), full ones under ``tf32x3``; the spectral
+    step's float64 part is the Gram of ``F`` and its ``eigh``."""
     m, n, k, T = plan.m, plan.n, plan.k, n_experts
 
     def sym(rows: int, width: int) -> int:
@@ -125,14 +140,13 @@ def phase_flops(plan: WorkspacePlan, n_experts: int) -> tuple:
     else:  # C^T C, C R
         grams = T * (sym(m, n) + 2 * m * n * n)
     solve = n**3 / 3 + 2 * m * n * n
-    spectral = 0.0
+    spectral = float64 = 0.0
     if k:
         r = min(m, n)
-        # residual product, float64 Gram of F, projector product (+ solve and residual again
-        # when F is re-formed)
-        spectral = (
-            2 * m * n * n + symmetric_product_flops(max(m, n), r) + 2 * m * n * r + 2 * r * r * k
-        )
+        # residual product, float64 Gram of F and its eigh, projector product (+ solve and
+        # residual again when F is re-formed)
+        float64 = symmetric_product_flops(max(m, n), r) + EIGH_FLOPS * r**3
+        spectral = 2 * m * n * n + float64 + 2 * m * n * r + 2 * r * r * k
         if not plan.keep_f:
             spectral += 2 * m * n * n + 2 * m * n * n
-    return grams, solve, spectral
+    return grams, solve, spectral, float64
