@@ -101,42 +101,71 @@ def inspect_command(
         )
 
 
+# Exit statuses of `mergekit-ace check`.
+CLEAN, FINDINGS, INVALID = 0, 1, 2
+
+
 @main.command("check")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 def check_command(config_file: str) -> None:
     """Check a merge config (for `mergekit-yaml`, or a multi-document `mergekit-multi` recipe)
-    for anything mergekit would silently ignore: parameters the merge method does not declare
-    (with the nearest valid name), shared parameters written under one model, per-model
-    parameters under the base model, misspelled configuration keys, an unknown merge_method.
-    Works for every registered method, mergekit's own included. Exits 1 when it finds
-    anything, 0 when the config is clean; reads no model."""
+    as the merge will read it, without merging: what mergekit would silently ignore or
+    rewrite (misspelled keys, also in `tokenizer:` and filter entries; parameters the method
+    does not declare, with the nearest valid name; shared parameters under one model;
+    per-model parameters under the base; filter entries that never apply; residual_weight)
+    and what would stop it (invalid values, an unknown merge_method, a duplicate model, a
+    slice without the base, a mergekit-moe config). When every model is a local directory,
+    the merge is also planned from the config.json files and safetensors headers (no
+    tensor is read): filters that match no tensor, a dtype coarser than the checkpoints,
+    experts of another shape. Works for every registered method, mergekit's own included.
+    Exit status: 0 clean, 1 findings, 2 a config mergekit would refuse or that cannot be
+    read."""
     import yaml
-    from pydantic import ValidationError
 
     import mergekit_ace  # noqa: F401  (registers the methods)
-    from mergekit_ace.config_check import check_document
+    from mergekit_ace.checks import check_source
+    from mergekit_ace.checks.planned import check_planned, plannable
 
-    with open(config_file, "r", encoding="utf-8") as fp:
-        try:
-            documents = [doc for doc in yaml.safe_load_all(fp) if doc is not None]
-        except yaml.YAMLError as error:
-            raise click.ClickException(f"{config_file} is not valid YAML: {error}") from None
-    findings = []
-    for index, document in enumerate(documents):
-        name = document.get("name") if isinstance(document, dict) else None
-        label = ""
-        if len(documents) > 1:
-            label = f"[{name if name is not None else f'document {index + 1}'}] "
-        try:
-            findings += check_document(document, label)
-        except (ValidationError, ValueError, RuntimeError) as error:
-            raise click.ClickException(f"{config_file}: {label}not a valid merge config: {error}")
+    try:
+        with open(config_file, "r", encoding="utf-8") as fp:
+            documents = check_source(fp.read())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        click.echo(f"{config_file}: not valid YAML: {error}", err=True)
+        sys.exit(INVALID)
+    findings, unplanned = [], []
+    for document in documents:
+        findings += document.findings
+        if document.config is None or any(f.error for f in document.findings):
+            continue
+        if plannable(document.config):
+            findings += [f.labelled(document.label) for f in check_planned(document.config)]
+        else:
+            unplanned.append(document.label.strip() or config_file)
     for finding in findings:
-        click.echo(f"{config_file}: {finding.message}")
+        click.echo(f"{config_file}: {'error: ' if finding.error else ''}{finding.message}")
+    if unplanned:
+        click.echo(
+            f"Not planned ({', '.join(unplanned)}): not every model is a local directory, so "
+            "filters that match no tensor and the dtype against the checkpoints' were not "
+            "checked.",
+            err=True,
+        )
+    errors = sum(f.error for f in findings)
+    if errors:
+        click.echo(
+            f"{errors} error(s): mergekit would stop on these; {len(findings) - errors} "
+            "other finding(s).",
+            err=True,
+        )
+        sys.exit(INVALID)
     if findings:
-        click.echo(f"{len(findings)} finding(s); mergekit would ignore each of them.", err=True)
-        sys.exit(1)
-    click.echo(f"{config_file}: no ignored parameters or keys.")
+        click.echo(
+            f"{len(findings)} finding(s): mergekit would merge without a word, ignoring or "
+            "changing what is written.",
+            err=True,
+        )
+        sys.exit(FINDINGS)
+    click.echo(f"{config_file}: no findings.")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ IO_TASKS_MODULE = "mergekit.io.tasks"
 LOADER_MODULE = "mergekit.io.lazy_tensor_loader"
 GRAPH_MODULE = "mergekit.graph"
 WRITER_MODULE = "mergekit.io.tensor_writer"
+RUN_YAML_MODULE = "mergekit.scripts.run_yaml"
+MULTIMERGE_MODULE = "mergekit.scripts.multimerge"
 
 # The private names used below, and the fields of mergekit's task graph read below, per module
 # (tests/test_compat.py checks each one). mergekit_ace.overlap subclasses
@@ -64,6 +66,8 @@ INTERNALS = {
         "ShardedTensorIndex.base_path",
     ),
     GRAPH_MODULE: ("Executor.run", "Executor._run", "Executor._move_tensors"),
+    RUN_YAML_MODULE: ("main.callback",),
+    MULTIMERGE_MODULE: ("main.callback", "load_config"),
     WRITER_MODULE: (
         "TensorWriter._get_name_components",
         "TensorWriter._write_futures",
@@ -139,6 +143,7 @@ def planned_tensors(planner: Any) -> List[Tuple[Any, Any]]:
 # --- hooks: checks before planning and after it, and the model card ---------------------
 
 _config_checks: List[Callable[[Any, Optional[str]], None]] = []
+_source_checks: List[Callable[[str], None]] = []
 _plan_checks: List[Callable[[Any], None]] = []
 _card_extensions: List[Callable[[Any, str], str]] = []
 _merge_ends: List[Callable[[Any], None]] = []
@@ -147,6 +152,12 @@ _executor_choices: List[Callable[[Any, Any], Optional[Callable[..., Any]]]] = []
 _chosen_executor = contextvars.ContextVar("mergekit_ace_executor", default=None)
 # Set while run_merge runs, so the planner does not check the same config a second time.
 _checked = contextvars.ContextVar("mergekit_ace_config_checked", default=False)
+# Set while mergekit-ace plans a merge for its own checks: no hook runs.
+_suppressed = contextvars.ContextVar("mergekit_ace_checks_suppressed", default=False)
+# Configurations (their YAML) whose source text was checked as a whole before the merge
+# (mergekit-multi, inspect), so the merge does not check them again from the configuration.
+_source_checked: set = set()
+_run_merge_calls = [0]
 
 
 def on_config(check: Callable[[Any, Optional[str]], None]) -> None:
@@ -156,6 +167,57 @@ def on_config(check: Callable[[Any, Optional[str]], None]) -> None:
     does), else ``None``."""
     if check not in _config_checks:
         _config_checks.append(check)
+
+
+def on_source(check: Callable[[str], None]) -> None:
+    """Call ``check(yaml_text)`` with the text of the config file ``mergekit-multi`` is about
+    to read (before it validates any document), and with the file ``mergekit-yaml`` read when
+    mergekit refuses it before ``run_merge`` starts (an invalid config: the check can say
+    what to write instead)."""
+    if check not in _source_checks:
+        _source_checks.append(check)
+
+
+def _run_source_checks(source: str) -> None:
+    for check in _source_checks:
+        try:
+            check(source)
+        except Exception as error:  # a failing check must not change what mergekit does
+            logging.getLogger("mergekit_ace").warning(
+                "mergekit-ace could not check this configuration (%r)", error
+            )
+
+
+def mark_source_checked(config: Any) -> None:
+    """Record that ``config`` (a ``MergeConfiguration``) was checked from its source text,
+    so its merge's :func:`source_checked` says so (once)."""
+    _source_checked.add(config.to_yaml())
+
+
+def source_checked(config: Any) -> bool:
+    """Whether ``config`` was checked from its source text before this merge (forgotten
+    once asked: a later merge of the same configuration is checked again)."""
+    text = config.to_yaml()
+    if text in _source_checked:
+        _source_checked.discard(text)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def checks_suppressed() -> Iterator[None]:
+    """Plan without any hook (mergekit-ace's own checks plan merges to read them)."""
+    token = _suppressed.set(True)
+    try:
+        yield
+    finally:
+        _suppressed.reset(token)
+
+
+def config_as_written(planner: Any) -> Any:
+    """The configuration of a ``MergePlanner`` as it was before planning rewrote it (the
+    planner turns ``models:`` and ``slices:`` into ``modules:``)."""
+    return getattr(planner, "_mergekit_ace_written", None) or planner.config
 
 
 def on_plan(check: Callable[[Any], None]) -> None:
@@ -224,8 +286,11 @@ def _patch_planner(module: Any) -> None:
 
     @functools.wraps(original)
     def _plan(self, *args, **kwargs):
+        if _suppressed.get():
+            return original(self, *args, **kwargs)
         if not _checked.get():
             _run_checks(self.config)
+        self._mergekit_ace_written = self.config.model_copy(deep=True)
         result = original(self, *args, **kwargs)
         for check in _plan_checks:
             check(self)
@@ -245,6 +310,7 @@ def _patch_merge(module: Any) -> None:
         # run_merge(merge_config, out_path, options, config_source=None)
         source = kwargs.get("config_source", args[2] if len(args) > 2 else None)
         options = kwargs.get("options", args[1] if len(args) > 1 else None)
+        _run_merge_calls[0] += 1
         _run_checks(merge_config, source if isinstance(source, str) else None)
         token = _checked.set(True)
         executor = _chosen_executor.set(_choose_executor(merge_config, options))
@@ -316,7 +382,58 @@ def unfinished_shards(writer: Any) -> List[str]:
     ]
 
 
-_PATCHES = {PLANNER_MODULE: _patch_planner, MERGE_MODULE: _patch_merge}
+def _patch_run_yaml(module: Any) -> None:
+    """mergekit-yaml: when mergekit refuses the file before ``run_merge`` starts, the source
+    checks say what to write instead, then mergekit's own error follows."""
+    command = module.main
+    original = command.callback
+    if getattr(original, "_mergekit_ace", False):
+        return
+
+    @functools.wraps(original)
+    def callback(*args, **kwargs):
+        calls = _run_merge_calls[0]
+        try:
+            return original(*args, **kwargs)
+        except Exception:
+            path = kwargs.get("config_file")
+            if _run_merge_calls[0] == calls and path is not None:
+                try:
+                    with open(path, "r", encoding="utf-8") as file:
+                        _run_source_checks(file.read())
+                except OSError:
+                    pass
+            raise
+
+    callback._mergekit_ace = True
+    command.callback = callback
+
+
+def _patch_multimerge(module: Any) -> None:
+    """mergekit-multi: the whole recipe is checked before mergekit reads it (its stages'
+    ``run_merge`` gets no source text)."""
+    original = module.load_config
+    if getattr(original, "_mergekit_ace", False):
+        return
+
+    @functools.wraps(original)
+    def load_config(config_source, *args, **kwargs):
+        _run_source_checks(config_source)
+        configs, dependencies = original(config_source, *args, **kwargs)
+        for config in configs.values():
+            mark_source_checked(config)
+        return configs, dependencies
+
+    load_config._mergekit_ace = True
+    module.load_config = load_config
+
+
+_PATCHES = {
+    PLANNER_MODULE: _patch_planner,
+    MERGE_MODULE: _patch_merge,
+    RUN_YAML_MODULE: _patch_run_yaml,
+    MULTIMERGE_MODULE: _patch_multimerge,
+}
 PATCHED_MODULES = tuple(_PATCHES)
 
 
@@ -325,7 +442,12 @@ def patch_loaded(name: str) -> bool:
     is patched. Idempotent."""
     module = sys.modules.get(name)
     # the last name each module defines: present once its import has finished
-    last = {PLANNER_MODULE: "MergePlanner", MERGE_MODULE: "__all__"}[name]
+    last = {
+        PLANNER_MODULE: "MergePlanner",
+        MERGE_MODULE: "__all__",
+        RUN_YAML_MODULE: "main",
+        MULTIMERGE_MODULE: "load_config",
+    }[name]
     if module is None or not hasattr(module, last):
         return False  # not imported yet, or being imported: the start-up hook patches it
     _PATCHES[name](module)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, List
 
-from mergekit_ace import card, compat, config_check, shapes
+from mergekit_ace import card, compat, shapes
+from mergekit_ace.checks import at_merge
 from mergekit_ace.kernels.ace.reports import accuracy_reports
 from mergekit_ace.kernels.reports import reset_reports
 from mergekit_ace.methods import METHODS, our_method
@@ -42,13 +43,16 @@ def register_all() -> List[str]:
 
 
 def install_hooks() -> None:
-    """Check every merge configuration before planning (unknown parameters) and after it (the
-    experts' tensor shapes), report the kernels' findings per merge, run merges with this
+    """Check every merge configuration before planning (keys, parameters, values, inputs; a
+    mergekit-multi recipe as a whole) and after it (the experts' tensor shapes, filters that
+    match no tensor, a dtype coarser than the checkpoints), report the kernels' findings per merge, run merges with this
     package's methods on the overlapped executor, and credit the methods on the model card;
     idempotent."""
-    compat.on_config(config_check.warn_ineffective_parameters)
+    compat.on_config(at_merge.warn_ineffective_parameters)
+    compat.on_source(at_merge.warn_source)
     compat.on_config(start_reports)
     compat.on_plan(shapes.check_planned_shapes)
+    compat.on_plan(at_merge.warn_planned)
     compat.on_card(card.extend_card)
     compat.on_merge_end(summarize_reports)
     compat.on_executor(choose_executor)

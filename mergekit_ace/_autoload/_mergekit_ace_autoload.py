@@ -5,7 +5,8 @@ imports nothing beyond the standard library's import machinery and only installs
 When (and only when) one of the mergekit modules below is first imported, the finder lets it
 load normally and then hands it to ``mergekit_ace.registration.after_import``: after the
 method registry, this package's methods are registered; after the planner and ``run_merge``,
-the configuration check and the model-card addition are hooked in.
+the configuration check and the model-card addition are hooked in; after mergekit-yaml's and
+mergekit-multi's scripts, the check of the config file as written.
 
 The package is named here, not imported: it imports this module (to watch modules that are
 not loaded yet), and this one must stay importable without it.
@@ -15,7 +16,13 @@ import importlib
 import sys
 from importlib.machinery import PathFinder
 
-TARGETS = ("mergekit.merge_methods.registry", "mergekit.plan", "mergekit.merge")
+TARGETS = (
+    "mergekit.merge_methods.registry",
+    "mergekit.plan",
+    "mergekit.merge",
+    "mergekit.scripts.run_yaml",
+    "mergekit.scripts.multimerge",
+)
 AFTER_IMPORT = ("mergekit_ace.registration", "after_import")  # module, function
 
 

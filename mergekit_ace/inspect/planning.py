@@ -34,9 +34,14 @@ def load_config(config_path: str):
     import yaml
     from mergekit.config import MergeConfiguration
 
+    from mergekit_ace import compat
+    from mergekit_ace.checks.at_merge import warn_source
+
     with open(config_path, "r", encoding="utf-8") as fp:
-        data = yaml.safe_load(fp)
-    config = MergeConfiguration.model_validate(data)
+        source = fp.read()
+    warn_source(source)  # what a merge of this file logs before reading anything
+    config = MergeConfiguration.model_validate(yaml.safe_load(source))
+    compat.mark_source_checked(config)
     if config.merge_method != METHOD_NAME:
         raise InspectError(
             f"{config_path}: merge_method is {config.merge_method!r}; `mergekit-ace inspect` "

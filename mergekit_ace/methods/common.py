@@ -71,8 +71,14 @@ class KernelMergeMethod(GroupMergeMethod):
         self.on_diagnostics: Optional[Callable[[Any], None]] = None
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
-        if base_id is None or base_id not in list(input_ids):
-            where = f" ({group_name})" if group_name else ""
+        where = f" ({group_name})" if group_name else ""
+        if base_id is not None and base_id not in list(input_ids):
+            raise ValueError(
+                f"merge_method: {self.spec.name}: the base model `{model_label(base_id)}` is "
+                f"not among the inputs{where}; add `- model: {model_label(base_id)}` (with the "
+                "same `layer_range` as the other sources) to the slice's `sources:`."
+            )
+        if base_id is None:
             raise ValueError(
                 f"merge_method: {self.spec.name} needs a base model{where}: it merges the "
                 "experts' task vectors (expert minus base). Add `base_model: <the model the "
