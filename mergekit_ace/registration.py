@@ -45,9 +45,9 @@ def register_all() -> List[str]:
 def install_hooks() -> None:
     """Check every merge configuration before planning (keys, parameters, values, inputs; a
     mergekit-multi recipe as a whole) and after it (the experts' tensor shapes, filters that
-    match no tensor, a dtype coarser than the checkpoints), report the kernels' findings per merge, run merges with this
-    package's methods on the overlapped executor, and credit the methods on the model card;
-    idempotent."""
+    match no tensor, a dtype coarser than the checkpoints), report the kernels' findings per
+    merge, run merges with this package's methods on the overlapped executor, and credit the
+    methods on the model card; idempotent."""
     compat.on_config(at_merge.warn_ineffective_parameters)
     compat.on_source(at_merge.warn_source)
     compat.on_config(start_reports)
