@@ -10,7 +10,7 @@ import pytest
 import torch
 from mergekit.config import MergeConfiguration
 
-from mergekit_ace.config_check import check_parameters
+from mergekit_ace.checks import check_parameters
 from tests.helpers import assert_credits
 from tests.tiny_models import (
     EXPERT_SCALES,
@@ -27,8 +27,9 @@ TIES_RECIPE = {"density": 0.5, "normalize": True, "int8_mask": True}
 EXPECTED_ACE = [
     "`k_fraction` (global parameters) is not a parameter of `ace` and has no effect; "
     "did you mean `k_frac`?",
-    "`epsilon` (global parameters, filter `mlp`) is not a parameter of `ace` and has no effect; "
-    "did you mean `eps`?",
+    "`epsilon` (global parameters, filter `mlp`) is not a parameter of `ace` and has no effect "
+    "(it is a parameter of ram, ramplus_tl, della, della_linear). `ace` has no `epsilon`; its "
+    "`eps` is not the same thing: Tikhonov strength",
     "`density` (global parameters) is not a parameter of `ace` and has no effect (it is a "
     "parameter of task_arithmetic, ties",
     "`normalize` (global parameters) is not a parameter of `ace`",
@@ -195,7 +196,7 @@ def check(path):
                 "parameters": {"density": 0.5, "normalize": True},
                 "models": [
                     {"model": "e1", "parameters": {"weight": 0.5, "density": 0.7}},
-                    {"model": "e2"},
+                    {"model": "e2", "parameters": {"weight": 0.5}},
                 ],
             },
             [],
@@ -203,7 +204,7 @@ def check(path):
         (
             {
                 "merge_method": "ties",
-                "parameters": {"densty": 0.5},
+                "parameters": {"densty": 0.5, "weight": 1.0},
                 "models": [{"model": "e1"}, {"model": "e2"}],
             },
             [
@@ -215,7 +216,7 @@ def check(path):
             {
                 "merge_method": "slerp",
                 "parameters": {"t": 0.5, "weight": 1.0},
-                "models": [{"model": "e1"}, {"model": "e2"}],
+                "models": [{"model": "base"}, {"model": "e2"}],
             },
             ["`weight` (global parameters) is not a parameter of `slerp`"],
         ),
@@ -234,13 +235,17 @@ def check(path):
         ),
         (
             {"merge_method": "acee", "models": [{"model": "e1"}]},
-            ["merge_method `acee` is not known to mergekit; did you mean `ace`?"],
+            [
+                "error: merge_method `acee` is not known to mergekit, which stops before "
+                "merging; did you mean `ace`?"
+            ],
         ),
     ],
 )
 def test_check_command(tmp_path, config, expected):
     result = check(write_config(tmp_path / "config.yml", {"base_model": "base", **config}))
-    assert result.exit_code == (1 if expected else 0), result.output
+    invalid = any("error: " in line for line in expected)
+    assert result.exit_code == (2 if invalid else 1 if expected else 0), result.output
     for line in expected:
         assert line in result.stdout, result.stdout
     assert len([line for line in result.stdout.splitlines() if "config.yml: " in line]) == max(
@@ -270,7 +275,7 @@ def test_every_example_config_is_clean():
     for example in examples:
         result = check(example)
         assert result.exit_code == 0, result.output
-        assert "no ignored parameters or keys" in result.output
+        assert result.output.rstrip().endswith("no findings."), result.output
 
 
 def test_mergekit_multi_warns_for_the_ace_stage(tiny_family, tmp_path):

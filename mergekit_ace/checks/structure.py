@@ -87,8 +87,9 @@ def check_method(config: Any) -> List[Finding]:
     if same:
         fix = f"names are case-sensitive: write `merge_method: {same[0]}`."
     else:
-        fix = did_you_mean(name, names).lstrip("; ") or "see `mergekit-yaml --help`."
-        fix = fix[0].upper() + fix[1:]
+        fix = did_you_mean(name, names).lstrip("; .") or "the registered methods are: " + (
+            ", ".join(names) + "."
+        )
     return [
         Finding(
             TOP,
@@ -162,7 +163,13 @@ def check_inputs(config: Any) -> List[Finding]:
         try:
             method.validate_inputs(inputs, base, group_name=where)
         except ValueError as error:
-            findings.append(Finding(where, "", f"{error}", error=True))
+            message = f"{error}; mergekit stops while planning."
+            if base is not None and where.endswith("models") and "inputs" in str(error):
+                message += (
+                    f" The base model `{model_label(base)}` is one of the inputs: mergekit "
+                    "adds it to a `models:` list that does not name it."
+                )
+            findings.append(Finding(where, "", message, error=True))
     return findings + _layer_counts(config)
 
 
