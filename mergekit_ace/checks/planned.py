@@ -118,7 +118,10 @@ def stored_dtypes(merge_tasks: Iterable[Any]) -> Dict[str, Set[str]]:
     for task in merge_tasks:
         for model, info in compat.input_weights(task).items():
             label = model_label(model)
-            entry = header_entry(model, info, required=False)
+            try:
+                entry = header_entry(model, info, required=False)
+            except Exception:  # a header that cannot be read: the config's dtype then
+                entry = None
             dtype = entry[1] if entry is not None else _config_dtype(model)
             if dtype is not None:
                 stored.setdefault(label, set()).add(dtype)
@@ -183,6 +186,6 @@ def check_planned(config: Any) -> List[Finding]:
             check_header_shapes([task for _weight, task in compat.planned_tensors(planner)])
     except MergeInputError as error:
         return [Finding("models", "", str(error), error=True)]
-    except (ValueError, RuntimeError, OSError, KeyError) as error:
+    except Exception as error:  # a model or file mergekit cannot read while planning
         return [Finding("top level", "", f"mergekit cannot plan this merge: {error}", True)]
     return findings
