@@ -145,9 +145,9 @@ def check_command(config_file: str) -> None:
         click.echo(f"{config_file}: {'error: ' if finding.error else ''}{finding.message}")
     if unplanned:
         click.echo(
-            f"Not planned ({', '.join(unplanned)}): not every model is a local directory, so "
-            "filters that match no tensor and the dtype against the checkpoints' were not "
-            "checked.",
+            f"Not planned ({', '.join(unplanned)}): some models are not local directories, so "
+            "two checks were skipped: filters that match no tensor, and `dtype:` against the "
+            "checkpoints' precision.",
             err=True,
         )
     errors = sum(f.error for f in findings)

@@ -221,11 +221,11 @@ def check_values(config: Any, method: Any = None) -> List[Finding]:
                 refusal = _refusal(declared[name], value)
                 if refusal is None:
                     continue
-                message = f"`{name}: {value!r}` ({where}) is refused by mergekit: {refusal}"
+                message = f"`{name}: {value!r}` ({where}) is refused by mergekit: {refusal}."
                 fixed = _unquoted(declared[name], value)
                 if fixed is not None:
                     message += (
-                        f". The quotes make it the string {value!r}, not YAML's {fixed}; "
+                        f" The quotes make it the string {value!r}, not YAML's {fixed}; "
                         f"write `{name}: {value}` without quotes."
                     )
                 findings.append(Finding(where, name, message, error=True))
