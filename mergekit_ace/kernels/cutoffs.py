@@ -46,10 +46,10 @@ def actmat_auto_rtol(rows: int, cols: int) -> float:
     return max(rows, cols) * RANK_CUTOFF_UNIT
 
 
-def kept_eigenvalues(eigenvalues: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Which eigenvalues of a PSD matrix lie above ``rtol`` times the largest (none when the
-    largest is not positive)."""
+def kept_eigenvalues(eigenvalues: torch.Tensor, rtol: float, floor: float = 0.0) -> torch.Tensor:
+    """Which eigenvalues of a PSD matrix lie above ``rtol`` times the largest and above
+    ``floor`` (none when the largest is not positive)."""
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
     if top > 0.0:
-        return eigenvalues > rtol * top
+        return eigenvalues > max(rtol * top, floor)
     return torch.zeros_like(eigenvalues, dtype=torch.bool)
