@@ -35,7 +35,6 @@ from mergekit_ace.kernels.linalg import (
     top_singular_triplets,
     unit_roundoff,
 )
-from mergekit_ace.kernels.storage_noise import NOISE_FLOOR_MARGIN
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class NoiseFloor:
         m, n = self.shape
         kappa = min(self.condition or AUTO_CONDITION_BOUND, AUTO_CONDITION_BOUND)
         spread = (math.sqrt(m) + math.sqrt(n)) / math.sqrt(m * n)
-        solve = NOISE_FLOOR_MARGIN * spread * kappa * unit_roundoff(torch.float32) * frobenius
+        solve = spread * kappa * unit_roundoff(torch.float32) * frobenius
         return math.hypot(self.storage, solve)
 
 
