@@ -13,6 +13,7 @@ import math
 
 import torch
 
+
 def rounding_variance(expert, fmt):
     """Per-entry variance of rounding to ``fmt``, ``spacing^2 / 12`` with the spacing of
     ``fmt`` at each stored value (``nextafter`` towards infinity), in float64; exact zeros

@@ -13,8 +13,9 @@ Decisions (``docs/family.md``): singular values that are numerically zero
 (``kernels.cutoffs.rank_tolerance`` of ``s_max``) are left out, both from the mean and from the
 directions: their singular vectors are arbitrary, so isotropic scaling would write noise of
 size ``s_bar`` along them; so are those at or below the experts' summed storage rounding
-noise (``noise_floor``, docs/method.md). For a full-rank sum (full fine-tunes) this is exactly the reference
-computation; for a low-rank sum (e.g. LoRA experts) the merge stays inside the experts' span.
+noise (``noise_floor``, docs/method.md). For a full-rank sum (full fine-tunes) this is exactly
+the reference computation; for a low-rank sum (e.g. LoRA experts) the merge stays inside the
+experts' span.
 Tensors that are not 2-D take the mean task vector, as the reference code does.
 """
 

@@ -196,6 +196,7 @@ class NoiseCheck:
 # Rounding noise of a stored 2-D tensor, as the singular-value level it explains
 # (docs/method.md, "Directions at the storage noise floor").
 
+
 @dataclass(frozen=True)
 class RoundingNoise:
     """The variance of a 2-D tensor's storage rounding error, ``ulp(x)^2 / 12`` per entry
