@@ -41,9 +41,9 @@ def test_rounding_noise_predicts_the_measured_noise(fmt, shape):
     stored = W.to(fmt).float()  # a checkpoint read back as float32
     noise = rounding_noise(stored)
     variance = rounding_variance(stored, fmt)
-    assert torch.allclose(noise.rows, variance.sum(1), rtol=1e-12)
-    assert torch.allclose(noise.cols, variance.sum(0), rtol=1e-12)
-    assert noise.floor() == pytest.approx(storage_floor(variance), rel=1e-12)
+    assert torch.allclose(noise.rows, variance.sum(1), rtol=1e-6)  # 1/12 in float32
+    assert torch.allclose(noise.cols, variance.sum(0), rtol=1e-6)
+    assert noise.floor() == pytest.approx(storage_floor(variance), rel=1e-6)
     measured = float(torch.linalg.matrix_norm((stored - W).double(), ord=2))
     assert 1.0 < noise.spectral_norm() / measured < 1.5
 
@@ -125,7 +125,7 @@ def test_iso_c_keeps_no_direction_at_the_noise_floor():
     base, experts, V = _bf16_lora()
     _, floor, _ = _floors(base, experts)
     out, diag = KERNELS["iso_c"](base, experts)
-    assert diag.rank == 9 and diag.noise_floor == pytest.approx(floor, rel=1e-9)
+    assert diag.rank == 9 and diag.noise_floor == pytest.approx(floor, rel=1e-6)
     assert rel_err(out, reference_iso_c(base, experts, floor=floor)) < 1e-5
     without, diag_off = KERNELS["iso_c"](base, experts, noise_floor=False)
     assert diag_off.rank == 64
@@ -151,7 +151,7 @@ def test_actmat_keeps_no_eigen_direction_at_the_noise_floor():
     _, _, variances = _floors(base, experts)
     floor = storage_floor(torch.cat(variances, dim=0))
     out, diag = KERNELS["actmat"](base, experts, rtol=0.0)
-    assert diag.rank == 9 and diag.noise_floor == pytest.approx(floor, rel=1e-9)
+    assert diag.rank == 9 and diag.noise_floor == pytest.approx(floor, rel=1e-6)
     assert rel_err(out, reference_actmat(base, experts, floor=floor**2)) < 1e-5
     # The default rtol (the float32 pinv tolerance) already leaves these out; without it the
     # floor alone decides.
@@ -196,3 +196,17 @@ def test_sum_of_independent_noises_adds_variances():
     assert both.mean_variance == pytest.approx(
         rounding_noise(a).mean_variance + rounding_noise(b).mean_variance
     )
+
+
+def test_rounding_noise_covers_an_outlier_channel():
+    """Real layers have a few input channels of far larger weights: their rounding noise is
+    concentrated in a column, which the mean variance's edge ``(sqrt(m) + sqrt(n)) rms``
+    misses and the row and column maxima cover."""
+    g = torch.Generator().manual_seed(5)
+    W = 0.02 * torch.randn(256, 256, generator=g)
+    W[:, :2] *= 64.0
+    stored = W.bfloat16().float()
+    noise = rounding_noise(stored)
+    measured = float(torch.linalg.matrix_norm((stored - W).double(), ord=2))
+    assert (16 + 16) * math.sqrt(noise.mean_variance) < 0.8 * measured
+    assert measured < noise.spectral_norm() < 1.5 * measured

@@ -257,17 +257,26 @@ def rounding_noise(tensor: torch.Tensor, step: Optional[int] = None) -> Rounding
     ``f`` in ``[0.5, 1)``, with ``p`` the format's significand bits; exact zeros carry none.
     ``step``: rows per block."""
     fmt = storage_precision(tensor, step)
-    info = torch.finfo(fmt)
-    bits = 1 - int(round(math.log2(info.eps)))  # significand bits, the implicit one included
-    lowest = int(round(math.log2(info.tiny))) + 1  # the exponent of the smallest normal
+    bits = 1 - int(round(math.log2(torch.finfo(fmt).eps)))  # significand bits, implicit one too
     rows, cols = [], torch.zeros(tensor.shape[1], dtype=torch.float64, device=tensor.device)
     for block in row_blocks(tensor, step):
-        exponent = torch.frexp(block.float() if block.dtype != torch.float64 else block)[1]
-        variance = torch.ldexp(
-            torch.full_like(block, 1.0 / 12.0, dtype=torch.float64),
-            2 * (exponent.clamp_min(lowest) - bits),
-        ).masked_fill_(block == 0, 0.0)
-        rows.append(variance.sum(dim=1))
-        cols.add_(variance.sum(dim=0))
-        del variance, exponent
+        variance = _entry_variance(block, bits)
+        rows.append(variance.sum(dim=1, dtype=torch.float64))
+        cols.add_(variance.sum(dim=0, dtype=torch.float64))
+        del variance
     return RoundingNoise(torch.cat(rows), cols)
+
+
+def _entry_variance(block: torch.Tensor, bits: int) -> torch.Tensor:
+    """``ulp(x)^2 / 12`` per entry for ``p = bits``. Values that float32 holds (all but float64
+    data) take float32's exponent field: ``4^(e - p)`` is built as a float32 with exponent
+    field ``2 (e - p) + 127`` (0, that is zero, where it would underflow, as for zeros and
+    subnormals)."""
+    if block.dtype == torch.float64:
+        exponent = torch.frexp(block)[1]
+        ones = torch.full_like(block, 1.0 / 12.0)
+        return torch.ldexp(ones, 2 * (exponent - bits)).masked_fill_(block == 0, 0.0)
+    biased = block.float().view(torch.int32).bitwise_right_shift(23).bitwise_and_(0xFF)
+    field = biased.mul(2).sub_(2 * (126 + bits) - 127).clamp_(0, 254)  # 2 (e - p) + 127
+    field.masked_fill_(biased == 0, 0)  # zeros and subnormals
+    return field.bitwise_left_shift_(23).view(torch.float32).mul_(1.0 / 12.0)
