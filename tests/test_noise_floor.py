@@ -208,5 +208,5 @@ def test_rounding_noise_covers_an_outlier_channel():
     stored = W.bfloat16().float()
     noise = rounding_noise(stored)
     measured = float(torch.linalg.matrix_norm((stored - W).double(), ord=2))
-    assert (16 + 16) * math.sqrt(noise.mean_variance) < 0.8 * measured
+    assert (16 + 16) * math.sqrt(noise.mean_variance) < 0.3 * measured  # 0.17
     assert measured < noise.spectral_norm() < 1.5 * measured
