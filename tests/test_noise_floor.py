@@ -210,3 +210,52 @@ def test_rounding_noise_covers_an_outlier_channel():
     measured = float(torch.linalg.matrix_norm((stored - W).double(), ord=2))
     assert (16 + 16) * math.sqrt(noise.mean_variance) < 0.3 * measured  # 0.17
     assert measured < noise.spectral_norm() < 1.5 * measured
+
+
+@pytest.mark.parametrize("path", ["held", "streaming", "svd", "streaming-svd"])
+def test_every_refinement_path_applies_the_floor(path, monkeypatch):
+    """F held whole or re-formed a block of rows at a time, top directions from the Gram or
+    from the SVD: the same 9 directions boosted, the same merge as the float64 reference."""
+    import mergekit_ace.kernels.ace.refine as refine
+    import mergekit_ace.kernels.ace.workspace as workspace
+
+    base, experts, _ = _bf16_lora()
+    per_task, _, _ = _floors(base, experts)
+    if "streaming" in path:
+        monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 7 * 64 * 4)
+        monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
+    if "svd" in path:
+        monkeypatch.setattr(refine, "isotropic_projector", lambda G, k, floor=0.0: None)
+    kwargs = dict(gate="on", eps="auto", gate_statistic="log_spread")
+    out, diag = KERNELS["ace"](base, experts, **kwargs)
+    assert diag.k == 9 and diag.spectral == ("svd" if "svd" in path else "gram-eigh")
+    reference, _ = reference_ace(base, experts, floor=max(per_task), **kwargs)
+    assert rel_err(out - base, reference - base.double()) < 1e-4
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_nothing_above_the_floor_leaves_the_preliminary_solution(streaming, monkeypatch):
+    """Experts whose whole update is rounding (a handful of one-ulp changes per expert): no
+    direction is boosted and the merge is W_pre, as the reference with that floor computes."""
+    import mergekit_ace.kernels.ace.workspace as workspace
+
+    if streaming:
+        monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 7 * 64 * 4)
+        monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
+    g = torch.Generator().manual_seed(6)
+    base = (0.02 * torch.randn(96, 64, generator=g)).bfloat16()
+    experts = []
+    for count in (40, 400, 120):  # uneven energies: the heterogeneous branch
+        flat = base.float().flatten().clone()
+        where = torch.randperm(flat.numel(), generator=g)[:count]
+        flat[where] = torch.nextafter(base.flatten()[where], torch.tensor(1.0).bfloat16()).float()
+        experts.append(flat.view(96, 64))
+    base = base.float()
+    kwargs = dict(gate="on", eps="auto", gate_statistic="log_spread", drop_noise=False)
+    out, diag = KERNELS["ace"](base, experts, **kwargs)
+    assert diag.k == 0 and diag.sigma_iso is None and diag.noise_floor > 0
+    kwargs.pop("drop_noise")
+    reference, _ = reference_ace(base, experts, floor=math.inf, **kwargs)
+    assert rel_err(out - base, reference - base.double()) < 1e-4
+    _, diag_off = KERNELS["ace"](base, experts, noise_floor=False, drop_noise=False, gate="on")
+    assert diag_off.k == math.floor(0.3 * 64)
