@@ -259,3 +259,39 @@ def test_nothing_above_the_floor_leaves_the_preliminary_solution(streaming, monk
     assert rel_err(out - base, reference - base.double()) < 1e-4
     _, diag_off = KERNELS["ace"](base, experts, noise_floor=False, drop_noise=False, gate="on")
     assert diag_off.k == math.floor(0.3 * 64)
+
+
+def test_real_experts_script_on_tiny_folders(tmp_path):
+    """benchmarks/noise_floor_real.py on folders laid out like the benchmark cache's: LoRA
+    adapters folded into a bf16 base (the floor brings Iso-C's update back into the adapters'
+    span) and float32 full fine-tunes (nothing changes)."""
+    from safetensors.torch import save_file
+
+    from benchmarks.noise_floor_real import full_rows, lora_rows
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    key = "base_model.model." + name.replace(".weight", ".lora_{}.weight")
+    g = torch.Generator().manual_seed(7)
+    base = (0.02 * torch.randn(64, 48, generator=g)).bfloat16()
+    (tmp_path / "base").mkdir()
+    save_file({name: base}, str(tmp_path / "base" / "model.safetensors"))
+    for i, scale in enumerate((0.02, 0.06, 0.01)):
+        A, B = torch.randn(4, 48, generator=g), scale * torch.randn(64, 4, generator=g)
+        for sub in ("adapter", "bf16"):
+            (tmp_path / "lora" / f"e{i}" / sub).mkdir(parents=True)
+        adapter = tmp_path / "lora" / f"e{i}" / "adapter" / "adapter_model.safetensors"
+        save_file({key.format("A"): A, key.format("B"): B}, str(adapter))
+        folded = (base.float() + B @ A).bfloat16()
+        save_file({name: folded}, str(tmp_path / "lora" / f"e{i}" / "bf16" / "model.safetensors"))
+        (tmp_path / "full" / f"e{i}").mkdir(parents=True)
+        full = base.float() + scale * torch.randn(64, 48, generator=g)
+        save_file({name: full}, str(tmp_path / "full" / f"e{i}" / "model.safetensors"))
+    experts = sorted((tmp_path / "lora").iterdir())
+    rows = {r["method"]: r for r in lora_rows(experts, tmp_path / "base", [name])}
+    assert rows["iso_c"]["k_on"] == ["12"] and rows["iso_c"]["k_off"] == ["48"]
+    assert rows["iso_c"]["on"][0] < 0.1 < rows["iso_c"]["off"][0]
+    float32 = tmp_path / "base32"
+    float32.mkdir()
+    save_file({name: base.float()}, str(float32 / "model.safetensors"))
+    full = full_rows(sorted((tmp_path / "full").iterdir()), float32, [name])
+    assert all(r["same"] == r["count"] == 1 and r["worst"] == 0.0 for r in full)
