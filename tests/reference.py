@@ -22,7 +22,10 @@ def reference_ace(
     lam=1.0,
     gate_statistic="gamma",
     singular=False,
+    floor=None,
 ):
+    """``floor``: the refinement boosts no direction of ``F`` whose singular value is at or
+    below it (the noise floor; default: none)."""
     W0 = base.double()
     taus = [e.double() - W0 for e in experts]
     w = [1.0] * len(taus) if weights is None else [float(x) for x in weights]
@@ -88,7 +91,10 @@ def reference_ace(
         Rbar = sum(x * r for x, r in zip(w, R)) / sum(w)
         D = sum(x * t @ (sh - Rbar) for x, t, sh in zip(w, taus, Shat))
         U, s, Vh = torch.linalg.svd(W_pre + D, full_matrices=False)
-        W = W_pre + s[:k].mean() * U[:, :k] @ Vh[:k]
+        if floor is not None:
+            k = min(k, int((s > floor).sum()))
+        if k > 0:
+            W = W_pre + s[:k].mean() * U[:, :k] @ Vh[:k]
     return W0 + lam * W, ("heterogeneous" if het else "homogeneous")
 
 

@@ -86,7 +86,7 @@ def test_tsv_weight_under_a_model_is_reported(tiny_family, tmp_path):
         f"`weight` (model `{tiny_family[EXPERTS[1]]}`) is not a parameter of `tsv` and has "
         "no effect (it is a parameter of"
     ) in result.stderr
-    assert "`tsv` takes: lambda, drop_noise." in result.stderr
+    assert "`tsv` takes: lambda, drop_noise, noise_floor." in result.stderr
     assert_credits((tmp_path / "out" / "README.md").read_text(), "tsv")
 
 

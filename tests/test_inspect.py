@@ -106,6 +106,10 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
             assert row["sigma_iso"] is None
         else:
             assert row["sigma_iso"] == pytest.approx(diag.sigma_iso, rel=1e-4)
+        if diag.noise_floor is None:
+            assert row["noise_floor"] is None
+        else:
+            assert row["noise_floor"] == pytest.approx(diag.noise_floor, rel=1e-4)
         cost = estimate_ace_cost(
             tuple(base.shape), len(experts), 4, out_bytes=4, refine=diag.branch == "heterogeneous"
         )

@@ -31,7 +31,7 @@ def test_fast_paths_and_fallbacks_match_reference(shape, scales, force, monkeypa
     if force in ("lu", "both"):
         monkeypatch.setattr(RightSolver, "_cholesky", classmethod(lambda cls, B, c: None))
     if force in ("svd", "both"):
-        monkeypatch.setattr(refine, "isotropic_projector", lambda G, k: None)
+        monkeypatch.setattr(refine, "isotropic_projector", lambda G, k, floor=0.0: None)
     base, experts = low_rank_experts(shape, scales)
     out, diag = ace_merge(base, experts, eps=1e-2, gate_statistic="gamma")
     ref, branch = reference_ace(base, experts, eps=1e-2, gate_statistic="gamma")
@@ -133,7 +133,7 @@ def test_streaming_plan_falls_back_to_svd(monkeypatch):
     base, experts = low_rank_experts((37, 8), (0.02, 1.0, 0.3))
     monkeypatch.setattr(workspace, "STREAM_BLOCK_BYTES", 5 * 8 * 4)
     monkeypatch.setattr(workspace, "KEEP_F_BYTES", 0)
-    monkeypatch.setattr(refine, "isotropic_projector", lambda G, k: None)
+    monkeypatch.setattr(refine, "isotropic_projector", lambda G, k, floor=0.0: None)
     out, diag = ace_merge(base, experts, gate="on")
     assert diag.spectral == "svd"
     ref, _ = reference_ace(base, experts, eps="auto", gate_statistic="log_spread", gate="on")

@@ -34,6 +34,7 @@ TABLES = {
 }
 SHARED_VALUES = {
     "drop_noise": [True, False, "no", 2],
+    "noise_floor": [True, False, "off", "sometimes"],
     "lambda": [1.0, -0.5, "0.5", math.inf, "x", True],
 }
 VALUES = {

@@ -39,6 +39,7 @@ class TensorRow:
     gamma: Optional[float] = None
     log_spread: Optional[float] = None
     k: Optional[int] = None
+    noise_floor: Optional[float] = None  # singular value of F below which nothing was boosted
     sigma_iso: Optional[float] = None
     solver: Optional[str] = None
     spectral: Optional[str] = None

@@ -161,7 +161,7 @@ def _fill_from_diagnostics(
             row.energies[all_experts.index(model)] = energy
     row.noise = [all_experts.index(experts[i]) for i in diag.noise]
     row.gamma, row.log_spread = diag.gamma, diag.log_spread
-    row.k, row.sigma_iso = diag.k, diag.sigma_iso
+    row.k, row.sigma_iso, row.noise_floor = diag.k, diag.sigma_iso, diag.noise_floor
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
     row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
     row.condition, row.boost_ratio = diag.condition, diag.boost_ratio

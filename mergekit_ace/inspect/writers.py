@@ -30,6 +30,7 @@ CSV_FIELDS = [
     "eps",
     "k_frac",
     "k",
+    "noise_floor",
     "sigma_iso",
     "solver",
     "spectral",

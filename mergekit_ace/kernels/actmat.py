@@ -30,7 +30,8 @@ the method, not of the precision: the default ``"auto"`` is ``max(T m, n) * 2^-2
 ``dtype: float64`` computes the same merge as float32 (to rounding).
 Since the Gram's eigenvalues are squared singular values of ``D~``, directions whose singular
 value is below ``sqrt(rtol) * sigma_max`` (about ``2e-2 sigma_max`` for a 4096-wide layer)
-count as outside the span.
+count as outside the span, and so do eigenvalues at or below the square of the stack's storage
+rounding noise (``noise_floor``, docs/method.md).
 
 Accuracy: with ``A = sum_t w_t G_t``, ``sum_t w_t G_t A^+ = A A^+`` is the projector ``Pi``
 onto the kept row space, so with ``mean`` the weighted mean task vector,
@@ -48,16 +49,18 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from mergekit_ace.kernels.cutoffs import actmat_auto_rtol
-from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
+from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor, storage_floor
 from mergekit_ace.kernels.linalg import psd_range
 from mergekit_ace.kernels.parameters import (
     DROP_NOISE,
     LAMBDA,
+    NOISE_FLOOR,
     WEIGHT,
     Parameter,
     ParameterTable,
     number_or_word,
 )
+from mergekit_ace.kernels.storage_noise import stacked as stacked_noise
 from mergekit_ace.kernels.task_vectors import TaskVectors, weighted_mean_delta
 
 ACTMAT_PARAMETERS = ParameterTable(
@@ -73,6 +76,7 @@ ACTMAT_PARAMETERS = ParameterTable(
         LAMBDA,
         WEIGHT,
         DROP_NOISE,
+        NOISE_FLOOR,
     ),
 )
 
@@ -124,6 +128,7 @@ def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics, rtol: Union[float, str]
     m, n = tv.base.shape
     T = len(tv.deltas)
     diag.rtol = actmat_auto_rtol(T * m, n) if rtol == "auto" else float(rtol)
+    floor = storage_floor(tv, diag, _stack_noise(tv)) ** 2  # of the Gram's eigenvalues
     # Anchored at the weighted mean task vector: sum_t w_t G_t A^+ = Pi (the projector onto
     # the row space), so D* = mean Pi + (sum_t w_t (D_t - mean) G_t) A^+. Exact algebra; it
     # keeps the ill-conditioned solve off the part the tasks agree on (one task: D_1 Pi).
@@ -136,7 +141,7 @@ def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics, rtol: Union[float, str]
         diag.form = "tasks"
         roots = [math.sqrt(w) for w in tv.participation.weights]
         stacked = torch.cat([r * d.to(work) for r, d in zip(roots, tv.deltas)], dim=0)  # [T m, n]
-        eigenvalues, P = psd_range(stacked @ stacked.T, diag.rtol)
+        eigenvalues, P = psd_range(stacked @ stacked.T, diag.rtol, floor)
         H = torch.cat(
             [r * ((d.to(work) - mean) @ d.to(work).T) for r, d in zip(roots, tv.deltas)], dim=1
         )
@@ -152,7 +157,15 @@ def _actmat_2d(tv: TaskVectors, diag: ActMatDiagnostics, rtol: Union[float, str]
             gram.add_(G, alpha=w)
             rhs.addmm_(d - mean, G, alpha=w)
             del G, d
-        eigenvalues, basis = psd_range(gram, diag.rtol)
+        eigenvalues, basis = psd_range(gram, diag.rtol, floor)
         correction = ((rhs @ basis) / eigenvalues) @ basis.T
     diag.rank = int(eigenvalues.numel())
     return correction.addmm_(mean @ basis, basis.T).to(tv.base.dtype)
+
+
+def _stack_noise(tv: TaskVectors):
+    """The storage rounding noise of the stack ``[sqrt(w_1) D_1; ...; sqrt(w_T) D_T]``, whose
+    squared singular values are the Gram's eigenvalues (``None`` without ``tv.noise``)."""
+    if not tv.noise:
+        return None
+    return stacked_noise([x.scaled(w) for x, w in zip(tv.noise, tv.participation.weights)])

@@ -16,8 +16,11 @@ directions as a float32 one. The decisions, and who makes them:
 - ``linalg.polar_from_gram`` (the fallback of an SVD that does not converge) keeps the
   eigenvalues above ``k`` float64 epsilons of the largest.
 
-A cut-off that should depend on how the experts were stored can get each expert's storage
-precision from :func:`~mergekit_ace.kernels.storage_noise.storage_precision`.
+On top of these, with ``noise_floor`` (default on) every one of those decisions also leaves out
+the directions at or below the experts' storage rounding noise
+(:class:`~mergekit_ace.kernels.storage_noise.RoundingNoise`, its ``floor``; the ``floor``
+arguments of ``top_singular_triplets``, ``psd_range`` and ``isotropic_projector``), and ACE's
+refinement those at a float32 solve's round-off (``ace.refine.NoiseFloor``).
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ def actmat_auto_rtol(rows: int, cols: int) -> float:
     return max(rows, cols) * RANK_CUTOFF_UNIT
 
 
-def kept_eigenvalues(eigenvalues: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Which eigenvalues of a PSD matrix lie above ``rtol`` times the largest (none when the
-    largest is not positive)."""
+def kept_eigenvalues(eigenvalues: torch.Tensor, rtol: float, floor: float = 0.0) -> torch.Tensor:
+    """Which eigenvalues of a PSD matrix lie above ``rtol`` times the largest and above
+    ``floor`` (none when the largest is not positive)."""
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
     if top > 0.0:
-        return eigenvalues > rtol * top
+        return eigenvalues > max(rtol * top, floor)
     return torch.zeros_like(eigenvalues, dtype=torch.bool)

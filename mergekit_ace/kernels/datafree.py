@@ -18,7 +18,7 @@ import torch
 
 from mergekit_ace.kernels.finishing import FLOAT64_REMEDY, finish
 from mergekit_ace.kernels.inputs import MergeInputError, prepare
-from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, ParameterTable
+from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, NOISE_FLOOR, ParameterTable
 from mergekit_ace.kernels.task_vectors import (
     MergeDiagnostics,
     TaskVectors,
@@ -32,10 +32,13 @@ class DataFreeDiagnostics(MergeDiagnostics):
     """What a data-free family kernel did with one tensor (:class:`~mergekit_ace.kernels.
     task_vectors.MergeDiagnostics`; ``branch`` is the method's name for its 2-D computation).
     ``rank`` is the number of directions the merged task vector was built from; ``reason``
-    says why a 2-D tensor was averaged instead (a method's documented fallback)."""
+    says why a 2-D tensor was averaged instead (a method's documented fallback);
+    ``noise_floor`` the largest singular value of the experts' storage rounding noise that a
+    rank decision left out below (``None`` with ``noise_floor=False``)."""
 
     rank: int = 0
     reason: Optional[str] = None
+    noise_floor: Optional[float] = None
 
 
 D = TypeVar("D", bound=DataFreeDiagnostics)
@@ -55,6 +58,7 @@ def merge_tensor(
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
     drop_noise: bool = DROP_NOISE.default,
+    noise_floor: bool = NOISE_FLOOR.default,
     remedy: str = FLOAT64_REMEDY,
 ) -> tuple[torch.Tensor, D]:
     """Run ``solve_2d(task_vectors, diagnostics) -> merged task vector`` on a 2-D tensor
@@ -66,10 +70,12 @@ def merge_tensor(
     rather than a silently ignored setting), ``lam`` the scale of the merged task vector,
     ``compute_dtype`` (default float32, float64 when an input is), ``out_dtype`` (default the
     base tensor's), ``tensor_name`` / ``expert_names`` for messages, and ``drop_noise``
-    (default True: leave out experts whose task vector is storage noise). ``remedy`` is the
+    (default True: leave out experts whose task vector is storage noise), ``noise_floor``
+    (default True: directions at the experts' storage rounding noise count as zero in the
+    method's rank decisions, :attr:`TaskVectors.noise`). ``remedy`` is the
     method's advice when the merge overflows (:func:`~mergekit_ace.kernels.finishing.finish`).
     """
-    checked = table.check(lam=lam, drop_noise=drop_noise)
+    checked = table.check(lam=lam, drop_noise=drop_noise, noise_floor=noise_floor)
     if weights is not None and "weight" not in {p.name for p in table}:
         raise MergeInputError(
             f"{table.method} takes no per-task weights (its paper defines none); pass weights=None."
@@ -89,6 +95,7 @@ def merge_tensor(
         prepared.weights,
         prepared.dtype,
         drop_noise=checked["drop_noise"],
+        noise_floor=checked["noise_floor"] and base.dim() == 2,
         tensor_name=tensor_name,
         expert_names=expert_names,
     )
@@ -102,6 +109,16 @@ def merge_tensor(
         merged = solve_2d(tv, diag)
     out = finish(tv.base, merged, checked["lam"], prepared.out_dtype, tensor_name, remedy)
     return out, diag
+
+
+def storage_floor(tv: TaskVectors, diag: DataFreeDiagnostics, noise=None) -> float:
+    """The singular-value floor of ``noise`` (a :class:`~mergekit_ace.kernels.storage_noise.
+    RoundingNoise`; 0 without ``tv.noise``), recorded in ``diag.noise_floor`` (the largest)."""
+    if tv.noise is None or noise is None:
+        return 0.0
+    floor = noise.floor()
+    diag.noise_floor = max(diag.noise_floor or 0.0, floor)
+    return floor
 
 
 def mean_delta(tv: TaskVectors, diag: DataFreeDiagnostics, reason: str) -> torch.Tensor:

@@ -12,8 +12,10 @@ V^T``, and its spectrum is flattened: every singular value becomes their mean,
 Decisions (``docs/family.md``): singular values that are numerically zero
 (``kernels.cutoffs.rank_tolerance`` of ``s_max``) are left out, both from the mean and from the
 directions: their singular vectors are arbitrary, so isotropic scaling would write noise of
-size ``s_bar`` along them. For a full-rank sum (full fine-tunes) this is exactly the reference
-computation; for a low-rank sum (e.g. LoRA experts) the merge stays inside the experts' span.
+size ``s_bar`` along them; so are those at or below the experts' summed storage rounding
+noise (``noise_floor``, docs/method.md). For a full-rank sum (full fine-tunes) this is exactly
+the reference computation; for a low-rank sum (e.g. LoRA experts) the merge stays inside the
+experts' span.
 Tensors that are not 2-D take the mean task vector, as the reference code does.
 """
 
@@ -24,12 +26,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor
+from mergekit_ace.kernels.datafree import DataFreeDiagnostics, merge_tensor, storage_floor
 from mergekit_ace.kernels.linalg import top_singular_triplets
-from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, ParameterTable
+from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, NOISE_FLOOR, ParameterTable
+from mergekit_ace.kernels.storage_noise import total
 from mergekit_ace.kernels.task_vectors import TaskVectors
 
-ISO_C_PARAMETERS = ParameterTable("iso_c", (LAMBDA, DROP_NOISE))
+ISO_C_PARAMETERS = ParameterTable("iso_c", (LAMBDA, DROP_NOISE, NOISE_FLOOR))
 
 
 @dataclass
@@ -65,6 +68,11 @@ def isotropic(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, diag: IsoDiagn
     return (U @ Vh).mul_(diag.sigma_iso)
 
 
+def sum_floor(tv: TaskVectors, diag: IsoDiagnostics) -> float:
+    """The storage noise floor of ``sum_t tau_t`` (the experts' rounding errors add)."""
+    return storage_floor(tv, diag, total(tv.noise) if tv.noise else None)
+
+
 def _iso_c_2d(tv: TaskVectors, diag: IsoDiagnostics) -> torch.Tensor:
-    U, s, Vh = top_singular_triplets(task_sum(tv), min(tv.base.shape))
+    U, s, Vh = top_singular_triplets(task_sum(tv), min(tv.base.shape), floor=sum_floor(tv, diag))
     return isotropic(U, s, Vh, diag)

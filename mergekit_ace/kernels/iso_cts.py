@@ -22,7 +22,8 @@ Per 2-D tensor ``[m, n]``, ``r = min(m, n)``, ``T`` task vectors, ``M = sum_t ta
 
 ``common_space_fraction = 1`` (or more tasks than rank, ``p = 0``) is exactly Iso-C. Numerically
 zero singular triplets are left out as in Iso-C, those of step 3 measured against the task
-vector's Frobenius norm (the residual of a low-rank task vector is pure round-off); tensors that
+vector's Frobenius norm (the residual of a low-rank task vector is pure round-off), and those at
+the storage rounding noise (of the sum, of each task vector: ``noise_floor``); tensors that
 are not 2-D take the mean task vector. Decisions: ``docs/family.md``.
 """
 
@@ -33,12 +34,13 @@ from typing import Any, Sequence
 
 import torch
 
-from mergekit_ace.kernels.datafree import merge_tensor
-from mergekit_ace.kernels.iso_c import IsoDiagnostics, isotropic, task_sum
+from mergekit_ace.kernels.datafree import merge_tensor, storage_floor
+from mergekit_ace.kernels.iso_c import IsoDiagnostics, isotropic, sum_floor, task_sum
 from mergekit_ace.kernels.linalg import nearest_orthonormal, top_singular_triplets
 from mergekit_ace.kernels.parameters import (
     DROP_NOISE,
     LAMBDA,
+    NOISE_FLOOR,
     Parameter,
     ParameterTable,
     number,
@@ -56,6 +58,7 @@ ISO_CTS_PARAMETERS = ParameterTable(
         ),
         LAMBDA,
         DROP_NOISE,
+        NOISE_FLOOR,
     ),
 )
 
@@ -99,14 +102,16 @@ def iso_cts_merge(
 def _iso_cts_2d(tv: TaskVectors, diag: IsoCtsDiagnostics, fraction: float) -> torch.Tensor:
     r = min(tv.base.shape)
     diag.k_common, diag.per_task = rank_budget(r, len(tv.deltas), fraction)
-    U_c, s_c, Vh_c = top_singular_triplets(task_sum(tv), diag.k_common)
+    U_c, s_c, Vh_c = top_singular_triplets(task_sum(tv), diag.k_common, floor=sum_floor(tv, diag))
     Us, ss, Vhs = [U_c], [s_c], [Vh_c]
     if diag.per_task > 0:
-        for delta, energy in zip(tv.deltas, tv.participation.energies):
+        noises = tv.noise or [None] * len(tv.deltas)
+        for delta, energy, noise in zip(tv.deltas, tv.participation.energies, noises):
             outside = delta - U_c @ (U_c.T @ delta)
             # Numerically zero relative to the task vector, not to the residual: with low-rank
             # experts the residual is pure round-off, and its own scale would keep it.
-            U, s, Vh = top_singular_triplets(outside, diag.per_task, scale=energy**0.5)
+            floor = storage_floor(tv, diag, noise)
+            U, s, Vh = top_singular_triplets(outside, diag.per_task, scale=energy**0.5, floor=floor)
             Us.append(U), ss.append(s), Vhs.append(Vh)
     U, s, Vh = torch.cat(Us, dim=1), torch.cat(ss), torch.cat(Vhs, dim=0)
     if len(Us) > 1 and s.numel():

@@ -36,6 +36,7 @@ class SolveInfo:
     rcond: float
     condition: Optional[float] = None
     measured: bool = False
+    bound: Optional[float] = None  # the ridge's bound, kept where ``condition`` is measured
 
 
 # Relative change of a result that round-off can cause (condition number * unit round-off *
@@ -85,7 +86,7 @@ def cholesky_condition(L: torch.Tensor, *, iterations: int = 4, block: int = 4) 
 
 
 def top_singular_triplets(
-    X: torch.Tensor, k: int, scale: Optional[float] = None
+    X: torch.Tensor, k: int, scale: Optional[float] = None, floor: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` leading singular triplets of ``X`` (``[m, n]``) from a thin SVD, with the
     numerically zero ones left out: ``(U [m, k'], s [k'], Vh [k', n])``, ``k' <= k``.
@@ -94,12 +95,15 @@ def top_singular_triplets(
     the matrix whose round-off ``X`` carries (default: ``X``'s own largest singular value). A
     residual such as ``tau - U U^T tau`` must pass the size of ``tau`` (its Frobenius norm,
     an upper bound of its largest singular value): measured against its own largest singular
-    value, a residual that is pure round-off would look like signal.
+    value, a residual that is pure round-off would look like signal. Singular values at or
+    below ``floor`` (the experts' storage noise, :mod:`~mergekit_ace.kernels.cutoffs`) are
+    left out too.
     """
     U, s, Vh = torch.linalg.svd(X, full_matrices=False)
     top = float(s[0]) if s.numel() else 0.0
     scale = top if scale is None else float(scale)
-    keep = int((s[:k] > rank_tolerance(scale, tuple(X.shape))).sum()) if top > 0 else 0
+    cut = max(rank_tolerance(scale, tuple(X.shape)), floor)
+    keep = int((s[:k] > cut).sum()) if top > 0 else 0
     return U[:, :keep], s[:keep], Vh[:keep]
 
 
@@ -129,14 +133,16 @@ def polar_from_gram(X: torch.Tensor) -> torch.Tensor:
     return ((X64 @ V) * evals[keep].rsqrt() @ V.T).to(X.dtype)
 
 
-def psd_range(A: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def psd_range(
+    A: torch.Tensor, rtol: float, floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-pairs spanning the numerical range of a symmetric positive semi-definite ``A``
     (``eigh``): ``(eigenvalues, basis)`` with the eigenvalues above ``rtol`` times the largest
-    (:func:`~mergekit_ace.kernels.cutoffs.kept_eigenvalues`), so that
+    and above ``floor`` (:func:`~mergekit_ace.kernels.cutoffs.kept_eigenvalues`), so that
     ``A^+ = basis diag(1 / eigenvalues) basis^T`` without ever forming it. Eigenvalues at or
     below the cut-off count as zero (their directions are outside the range)."""
     eigenvalues, vectors = torch.linalg.eigh(A)
-    keep = kept_eigenvalues(eigenvalues, rtol)
+    keep = kept_eigenvalues(eigenvalues, rtol, floor)
     return eigenvalues[keep], vectors[:, keep]
 
 
@@ -178,6 +184,7 @@ class RightSolver:
             trace = float(B.diagonal().sum(dtype=torch.float64))
             bound = max(1.0, trace / floor - n + 1) if floor > 0 else math.inf
         solver = cls._cholesky(B, c) or cls._lu(B if c is None else B + c.unsqueeze(0))
+        solver.info.bound = bound
         if bound is not None:
             # LU or least squares: B, or A with the prior, is singular at this precision
             solver.info.condition = bound if solver.info.method == "cholesky" else math.inf
@@ -297,26 +304,35 @@ def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch
     return G
 
 
-def isotropic_projector(G: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float, float]]:
+def isotropic_projector(
+    G: torch.Tensor, k: int, floor: float = 0.0
+) -> Optional[Tuple[Optional[torch.Tensor], float, float, int]]:
     """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`),
-    ``(P, mean(s[:k]), s_1 / s_k)`` with ``P = V_k diag(1/s_k) V_k^T`` (``[r, r]``, float64) for
-    the top ``k`` singular triplets of ``F``, so that ``U_k V_k^T = F P`` (``F`` tall) or
-    ``P F`` (wide) without the SVD. ``s_1 / s_k`` is by how much boosting the ``k``-th
-    direction multiplies the relative round-off ``F`` carries.
+    ``(P, mean(s[:k']), s_1 / s_k', k')`` with ``P = V_k' diag(1/s_k') V_k'^T`` (``[r, r]``,
+    float64) for the top ``k'`` singular triplets of ``F``, so that ``U_k' V_k'^T = F P``
+    (``F`` tall) or ``P F`` (wide) without the SVD; ``k'`` is ``k`` less the directions whose
+    singular value is at or below ``floor`` (``(None, 0.0, 1.0, 0)`` when none is above it).
+    ``s_1 / s_k'`` is by how much boosting the ``k'``-th direction multiplies the relative
+    round-off ``F`` carries.
 
     The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
     a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.
-    Returns ``None`` (the caller then runs the SVD) when ``s_k`` is below
+    Returns ``None`` (the caller then runs the SVD) when ``s_k'`` is below
     :data:`~mergekit_ace.kernels.cutoffs.GRAM_EIGH_MIN_RATIO` times ``s_1``.
     """
     eigenvalues, vecs = torch.linalg.eigh(G)
     top = eigenvalues[-k:].flip(0).clamp_min(0.0) if k else eigenvalues[:0]
     s = top.sqrt()
+    if k and floor > 0.0:
+        k = int((s > floor).sum())
+        if k == 0:
+            return None, 0.0, 1.0, 0
+        s = s[:k]
     if k == 0 or not float(s[-1]) >= GRAM_EIGH_MIN_RATIO * float(s[0]) or not float(s[0]) > 0:
         return None
     V = vecs[:, -k:].flip(1)
     del vecs
-    return (V / s) @ V.transpose(0, 1), float(s.mean()), float(s[0] / s[-1])
+    return (V / s) @ V.transpose(0, 1), float(s.mean()), float(s[0] / s[-1]), k
 
 
 def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
@@ -325,7 +341,7 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
     top = isotropic_projector(short_side_gram(F), k)
     if top is None:
         return None
-    P, sigma, _ = top
+    P, sigma, _, _ = top
     P = P.to(F.dtype)
     return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
 

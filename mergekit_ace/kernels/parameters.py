@@ -170,3 +170,10 @@ DROP_NOISE = Parameter(
     "leave out experts whose task vector for a tensor is storage noise (the "
     "expert equals the base rounded to its storage precision)",
 )
+NOISE_FLOOR = Parameter(
+    "noise_floor",
+    True,
+    boolean("noise_floor"),
+    "keep out of rank and cut-off decisions (not boosted, not kept) the singular directions "
+    "at or below the rounding noise of the experts' storage precision",
+)

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.kernels.storage_noise import NoiseCheck
+from mergekit_ace.kernels.storage_noise import NoiseCheck, RoundingNoise, rounding_noise
 
 
 @dataclass
@@ -66,11 +66,13 @@ def mean_one(weights: Sequence[float]) -> List[float]:
 @dataclass
 class TaskVectors:
     """The participants' task vectors ``deltas`` in the compute dtype, beside the base tensor
-    in that dtype."""
+    in that dtype; ``noise``: each participant's storage rounding noise
+    (:func:`~mergekit_ace.kernels.storage_noise.rounding_noise`), where asked for."""
 
     base: torch.Tensor
     deltas: List[torch.Tensor]
     participation: Participation
+    noise: Optional[List[RoundingNoise]] = None
 
 
 def task_vectors(
@@ -80,10 +82,12 @@ def task_vectors(
     dtype: torch.dtype,
     *,
     drop_noise: bool = True,
+    noise_floor: bool = False,
     tensor_name: Optional[str] = None,
     expert_names: Optional[Sequence[str]] = None,
 ) -> TaskVectors:
-    """``tau_t = W_t - W0`` in ``dtype`` for the experts that take part (:func:`participation`)."""
+    """``tau_t = W_t - W0`` in ``dtype`` for the experts that take part (:func:`participation`);
+    ``noise_floor``: with each 2-D participant's storage rounding noise."""
     base_c = base.to(dtype)
     deltas = {}
 
@@ -95,7 +99,8 @@ def task_vectors(
         base, dtype, drop_noise=drop_noise, tensor_name=tensor_name, expert_names=expert_names
     )
     who = participation(experts, weights, energy_of, is_noise)
-    return TaskVectors(base_c, [deltas[i] for i in who.indices], who)
+    noise = [rounding_noise(experts[i]) for i in who.indices] if noise_floor else None
+    return TaskVectors(base_c, [deltas[i] for i in who.indices], who, noise)
 
 
 def weighted_mean_delta(tv: TaskVectors) -> torch.Tensor:

@@ -18,7 +18,8 @@ Decisions (``docs/family.md``): ``T`` counts the experts that changed the tensor
 ``floor(r / T) == 0`` (more tasks than the tensor's rank, e.g. ``[m, 1]`` matrices) there is
 no rank to share and the tensor takes the mean task vector instead (the reference code would
 write a zero update there); singular triplets whose value is numerically zero
-(``kernels.cutoffs.rank_tolerance``) are left out before the orthogonalization, since their
+(``kernels.cutoffs.rank_tolerance``) or at the task's storage rounding noise
+(``noise_floor``, docs/method.md) are left out before the orthogonalization, since their
 vectors are arbitrary; tensors that are not 2-D take the mean task vector (as the reference
 code does). Orthogonalization is invariant to the order of the concatenation.
 """
@@ -30,12 +31,17 @@ from typing import Any, List, Sequence
 
 import torch
 
-from mergekit_ace.kernels.datafree import DataFreeDiagnostics, mean_delta, merge_tensor
+from mergekit_ace.kernels.datafree import (
+    DataFreeDiagnostics,
+    mean_delta,
+    merge_tensor,
+    storage_floor,
+)
 from mergekit_ace.kernels.linalg import nearest_orthonormal, top_singular_triplets
-from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, ParameterTable
+from mergekit_ace.kernels.parameters import DROP_NOISE, LAMBDA, NOISE_FLOOR, ParameterTable
 from mergekit_ace.kernels.task_vectors import TaskVectors
 
-TSV_PARAMETERS = ParameterTable("tsv", (LAMBDA, DROP_NOISE))
+TSV_PARAMETERS = ParameterTable("tsv", (LAMBDA, DROP_NOISE, NOISE_FLOOR))
 
 
 @dataclass
@@ -62,8 +68,9 @@ def _tsv_2d(tv: TaskVectors, diag: TsvDiagnostics) -> torch.Tensor:
     if diag.k == 0:
         return mean_delta(tv, diag, f"floor(r / T) = floor({r} / {len(tv.deltas)}) = 0")
     Us, ss, Vhs = [], [], []
-    for delta in tv.deltas:
-        U, s, Vh = top_singular_triplets(delta, diag.k)
+    noises = tv.noise or [None] * len(tv.deltas)
+    for delta, noise in zip(tv.deltas, noises):
+        U, s, Vh = top_singular_triplets(delta, diag.k, floor=storage_floor(tv, diag, noise))
         Us.append(U), ss.append(s), Vhs.append(Vh)
         diag.kept.append(int(s.numel()))
     s = torch.cat(ss)

@@ -25,14 +25,15 @@ from mergekit_ace.kernels.ace.closed_form import (
 )
 from mergekit_ace.kernels.ace.fallback import goes_to_cpu, merge_on_cpu
 from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS, DEFAULT_GATE_STATISTIC
-from mergekit_ace.kernels.ace.refine import Refinement, solve_and_refine
+from mergekit_ace.kernels.ace.refine import NoiseFloor, Refinement, solve_and_refine
 from mergekit_ace.kernels.ace.reports import Spectra, report_conditioning
 from mergekit_ace.kernels.ace.scan import scan_experts
 from mergekit_ace.kernels.ace.settings import AceSettings
-from mergekit_ace.kernels.ace.workspace import plan_workspace
+from mergekit_ace.kernels.ace.workspace import plan_workspace, scan_block_rows
 from mergekit_ace.kernels.finishing import finish, finish_rows
 from mergekit_ace.kernels.inputs import TensorNames, check_inputs, normalized_weights
 from mergekit_ace.kernels.linalg import SolveInfo
+from mergekit_ace.kernels.storage_noise import rounding_noise
 from mergekit_ace.kernels.task_vectors import MergeDiagnostics, task_vectors, weighted_mean_delta
 
 DEFAULTS = {p.kernel_name: p.default for p in ACE_PARAMETERS}
@@ -56,7 +57,9 @@ class AceDiagnostics(MergeDiagnostics):
     ill-conditioned); ``condition`` the system's condition number (measured where it could cost
     float32 more than ``ACCURACY_WARN`` of relative accuracy, else a bound; :class:`~mergekit_ace.
     kernels.linalg.SolveInfo`). ``boost_ratio``: ``s_1 / s_k`` over the directions the
-    refinement boosted, the factor by which it multiplies the solve's relative round-off.
+    refinement boosted, the factor by which it multiplies the solve's relative round-off;
+    ``noise_floor`` the singular value of ``F`` at or below which it boosted nothing
+    (``None`` with ``noise_floor: false`` or no refinement).
     ``ridge``: the mean ridge ``sum w eps_t / sum w``. ``device``: ``"cpu (fallback)"`` when a
     CUDA tensor was merged on the CPU. ``matmul``: the precision the large products ran in
     (``float32``, ``tf32x3``, ``tf32``). ``concentration_pre`` / ``concentration_post`` (only
@@ -73,6 +76,7 @@ class AceDiagnostics(MergeDiagnostics):
     rcond: Optional[float] = None
     condition: Optional[float] = None
     boost_ratio: Optional[float] = None
+    noise_floor: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
     matmul: Optional[str] = None
@@ -105,6 +109,7 @@ def ace_merge(
     free_device_bytes: Optional[int] = None,
     matmul_precision: str = DEFAULTS["matmul_precision"],
     drop_noise: bool = DEFAULTS["drop_noise"],
+    noise_floor: bool = DEFAULTS["noise_floor"],
 ) -> tuple[torch.Tensor, AceDiagnostics]:
     """Merge one tensor with ACE; returns ``(W0 + lam * W, diagnostics)``.
 
@@ -137,7 +142,9 @@ def ace_merge(
 
     ``drop_noise`` (default True) leaves out experts whose task vector is storage noise
     (:mod:`~mergekit_ace.kernels.storage_noise`): under trace normalization such an expert
-    would get the same vote as a real one.
+    would get the same vote as a real one. ``noise_floor`` (default True): the refinement
+    boosts no direction of ``F`` whose singular value the experts' storage rounding or a float32
+    solve explains (:func:`~mergekit_ace.kernels.ace.refine.refinement_floor`).
     """
     settings = AceSettings.resolve(
         base,
@@ -156,6 +163,7 @@ def ace_merge(
         oom_fallback=oom_fallback,
         matmul_precision=matmul_precision,
         drop_noise=drop_noise,
+        noise_floor=noise_floor,
     )
     names = TensorNames(tensor_name, expert_names)
     # 2-D tensors: the experts' scan sums every value, so the finite check waits for it.
@@ -199,8 +207,16 @@ def merge_matrix(
     spectra = Spectra() if settings.spectra else None
     if k:  # steps 5-6
         record_pre = spectra.before_refinement if spectra else None
+        floor = noise_floor_of(base, [experts[i] for i in who.indices], settings)
         W, solved, refinement = solve_and_refine(
-            rows, who.weights, sums, system, plan, measure=settings.spectra, record_pre=record_pre
+            rows,
+            who.weights,
+            sums,
+            system,
+            plan,
+            measure=settings.spectra,
+            record_pre=record_pre,
+            floor=floor,
         )
     else:  # step 5
         solver = factor(system, sums, measure=settings.spectra)
@@ -216,6 +232,19 @@ def merge_matrix(
     lam, out_dtype = settings.lam, settings.out_dtype
     out = finish_rows(base, W, lam, out_dtype, names.tensor, plan.blocks, EPS_REMEDY)  # step 7
     return out, diag
+
+
+def noise_floor_of(
+    base: torch.Tensor, participants: Sequence[torch.Tensor], settings: AceSettings
+) -> NoiseFloor:
+    """Step 6's noise floor (:class:`~mergekit_ace.kernels.ace.refine.NoiseFloor`) from the
+    noisiest participant's storage rounding (``noise_floor: false``: none)."""
+    shape = tuple(base.shape)
+    if not settings.noise_floor:
+        return NoiseFloor(False, shape)
+    step = scan_block_rows(shape[0], shape[1], settings.element_bytes)
+    storage = max(rounding_noise(expert, step).floor() for expert in participants)
+    return NoiseFloor(True, shape, storage)
 
 
 def merge_mean(
@@ -256,6 +285,7 @@ def _record(
     if refinement is not None:
         diag.sigma_iso, diag.spectral = refinement.sigma_iso, refinement.spectral
         diag.k, diag.boost_ratio = refinement.k, refinement.boost_ratio
+        diag.noise_floor = refinement.floor
     if spectra is not None:
         diag.singular_values_pre, diag.singular_values_post = spectra.pre, spectra.post
         diag.concentration_pre = spectra.concentration_pre

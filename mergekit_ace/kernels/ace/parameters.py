@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from mergekit_ace.kernels.parameters import (
     DROP_NOISE,
     LAMBDA,
+    NOISE_FLOOR,
     WEIGHT,
     Parameter,
     ParameterTable,
@@ -101,6 +102,7 @@ ACE_PARAMETERS = ParameterTable(
         LAMBDA,
         WEIGHT,
         DROP_NOISE,
+        NOISE_FLOOR,
     ),
 )
 

@@ -10,6 +10,7 @@ for its Gram and once for the update, solving each block where it is needed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -22,6 +23,7 @@ from mergekit_ace.kernels.ace.closed_form import (
     factor,
     solve_rows_,
 )
+from mergekit_ace.kernels.ace.parameters import AUTO_CONDITION_BOUND
 from mergekit_ace.kernels.ace.workspace import WorkspacePlan
 from mergekit_ace.kernels.linalg import (
     RightSolver,
@@ -31,6 +33,7 @@ from mergekit_ace.kernels.linalg import (
     isotropic_projector,
     short_side_gram,
     top_singular_triplets,
+    unit_roundoff,
 )
 
 
@@ -38,13 +41,48 @@ from mergekit_ace.kernels.linalg import (
 class Refinement:
     """What step 6 did: ``sigma_iso``; how the top directions were found (``"gram-eigh"`` or
     ``"svd"``); ``k``, how many were boosted (fewer than planned when ``F`` has lower
-    numerical rank); ``boost_ratio = s_1 / s_k`` over them (``None`` when none were), the
-    factor by which boosting the weakest multiplies the relative round-off ``F`` carries."""
+    numerical rank or fewer lie above the noise floor); ``boost_ratio = s_1 / s_k`` over them
+    (``None`` when none were), the factor by which boosting the weakest multiplies the relative
+    round-off ``F`` carries; ``floor``: the noise floor in force (:class:`NoiseFloor`)."""
 
     sigma_iso: Optional[float]
     spectral: str
     k: int
     boost_ratio: Optional[float]
+    floor: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """The singular value of ``F`` at or below which a direction is noise that the inputs'
+    storage or a float32 solve explains, and is not boosted (docs/method.md, "Directions at the
+    storage noise floor"). ``storage``: the noisiest participant's rounding noise floor
+    (:meth:`~mergekit_ace.kernels.storage_noise.RoundingNoise.floor`); ``condition``: the
+    solve's condition-number bound from the ridge (``SolveInfo.bound``, the same in every
+    compute dtype). ``enabled=False`` (``noise_floor: false``): no floor."""
+
+    enabled: bool
+    shape: Tuple[int, int]
+    storage: float = 0.0
+    condition: Optional[float] = None
+
+    def with_condition(self, condition: Optional[float]) -> "NoiseFloor":
+        return NoiseFloor(self.enabled, self.shape, self.storage, condition)
+
+    def of(self, frobenius: float) -> float:
+        """``sqrt(storage^2 + solve^2)`` for ``F`` of norm ``frobenius``, with ``solve`` the
+        spectral norm of a random matrix of Frobenius norm ``kappa u32 ||F||_F``: the
+        round-off of a float32 solve of condition number ``kappa`` (at most the bound
+        ``eps: auto`` guarantees; a larger one is the accuracy warning's concern). Measured
+        in float32's unit in every compute dtype, so float32 and float64 merges boost the same
+        directions."""
+        if not self.enabled:
+            return 0.0
+        m, n = self.shape
+        kappa = min(self.condition or AUTO_CONDITION_BOUND, AUTO_CONDITION_BOUND)
+        spread = (math.sqrt(m) + math.sqrt(n)) / math.sqrt(m * n)
+        solve = spread * kappa * unit_roundoff(torch.float32) * frobenius
+        return math.hypot(self.storage, solve)
 
 
 class ResidualRows:
@@ -89,15 +127,20 @@ def solve_and_refine(
     *,
     measure: bool = False,
     record_pre: Optional[Callable[[torch.Tensor], None]] = None,
+    floor: Optional[NoiseFloor] = None,
 ) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """Steps 5-6 of the heterogeneous branch: ``(W, the solve's report, the refinement)``,
     ``W`` in ``sums.N``'s storage. ``record_pre(W_pre)`` is called on the preliminary
     solution (``plan.keep_f`` only); ``measure``: measure the system's condition number even
     where its bound is small. It is also measured where the refinement's ``boost_ratio``
-    could carry the solve's round-off past ``linalg.ACCURACY_WARN``."""
+    could carry the solve's round-off past ``linalg.ACCURACY_WARN``. ``floor``: directions
+    at or below it are not boosted (default: none)."""
+    floor = floor or NoiseFloor(False, (plan.m, plan.n))
     residual = ResidualRows(rows, weights, sums, system.B, plan.matmul)
     if not plan.keep_f:
-        return _refine_streaming(residual, factor(system, sums, measure=measure), sums.N, plan)
+        solver = factor(system, sums, measure=measure)
+        floor = floor.with_condition(solver.info.bound)
+        return _refine_streaming(residual, solver, sums.N, plan, floor)
     F = torch.empty_like(sums.N)
     for start, stop in plan.blocks:
         F[start:stop] = residual.block(sums.N[start:stop], start, stop)
@@ -107,20 +150,24 @@ def solve_and_refine(
     F.add_(W_pre)
     if record_pre is not None:
         record_pre(W_pre)
-    return _refine_held(W_pre, F, plan, solver)
+    return _refine_held(W_pre, F, plan, solver, floor.with_condition(solver.info.bound))
 
 
 def _refine_held(
-    W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan, solver: RightSolver
+    W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan, solver: RightSolver, floor: NoiseFloor
 ) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """The refinement of a preliminary solution ``W`` whose ``F`` is held whole."""
-    refinement = isotropic_update_(W, F, plan)
+    refinement = isotropic_update_(W, F, plan, floor)
     solver.check_condition(refinement.boost_ratio or 1.0)
     return W, solver.info, refinement
 
 
 def _refine_streaming(
-    residual: ResidualRows, solver: RightSolver, N: torch.Tensor, plan: WorkspacePlan
+    residual: ResidualRows,
+    solver: RightSolver,
+    N: torch.Tensor,
+    plan: WorkspacePlan,
+    floor: NoiseFloor,
 ) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """``F`` re-formed block by block: for its float64 Gram, then again for the update."""
 
@@ -133,45 +180,59 @@ def _refine_streaming(
         F64 = f_rows(start, stop)[1].to(torch.float64)
         add_symmetric_(gram, F64)
         del F64
-    top = isotropic_projector(gram, plan.k)
+    cut = floor.of(math.sqrt(float(gram.diagonal().sum())))
+    top = isotropic_projector(gram, plan.k, cut)
     del gram
     if top is None:  # rare: materialize F for the SVD
         F = torch.empty_like(N)
         for start, stop in plan.blocks:
             N[start:stop], F[start:stop] = f_rows(start, stop)
-        return _refine_held(N, F, plan, solver)
-    P, sigma, boost_ratio = top
+        return _refine_held(N, F, plan, solver, floor)
+    P, sigma, boost_ratio, k = top
+    if P is None:  # nothing above the noise floor: W = W_pre
+        for start, stop in plan.blocks:
+            N[start:stop] = solver.solve(N[start:stop])
+        return N, solver.info, Refinement(None, "gram-eigh", 0, None, cut or None)
     solver.check_condition(boost_ratio)
     P = P.to(N.dtype)
     for start, stop in plan.blocks:
         W_rows, F_rows = f_rows(start, stop)
         N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
         del W_rows, F_rows
-    return N, solver.info, Refinement(sigma, "gram-eigh", plan.k, boost_ratio)
+    return N, solver.info, Refinement(sigma, "gram-eigh", k, boost_ratio, cut or None)
 
 
-def isotropic_update_(W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan) -> Refinement:
+def isotropic_update_(
+    W: torch.Tensor, F: torch.Tensor, plan: WorkspacePlan, floor: Optional[NoiseFloor] = None
+) -> Refinement:
     """``W += sigma_iso U_k V_k^T`` (eq. 17-19) in place: ``U_k V_k^T = F P`` (tall) or
     ``P F`` (wide) from the Gram's projector, or a thin SVD of ``F`` where that declines.
 
-    In the SVD, numerically zero directions of ``F`` (low-rank experts) are not boosted: their
+    Directions at or below ``floor`` (:class:`NoiseFloor`) are not boosted. In the SVD,
+    numerically zero directions of ``F`` (low-rank experts) are not boosted either: their
     singular vectors are arbitrary and would write noise of size ``sigma_iso``. ``F`` comes out
     of a solve, whose float32 round-off sits above a single matrix's, so the cut-off is
     measured against ``||F||_F`` rather than its largest singular value."""
-    top = isotropic_projector(short_side_gram(F), plan.k)
+    G = short_side_gram(F)
+    scale = math.sqrt(max(float(G.diagonal().sum()), 0.0))  # ||F||_F
+    cut = floor.of(scale) if floor is not None else 0.0
+    top = isotropic_projector(G, plan.k, cut)
+    del G
     if top is None:
-        scale = float(torch.linalg.vector_norm(F, dtype=torch.float64))
-        U, s, Vh = top_singular_triplets(F, plan.k, scale=scale)
+        norm = float(torch.linalg.vector_norm(F, dtype=torch.float64))
+        U, s, Vh = top_singular_triplets(F, plan.k, scale=norm, floor=cut)
         if not s.numel():
-            return Refinement(None, "svd", 0, None)
+            return Refinement(None, "svd", 0, None, cut or None)
         sigma = float(s.mean())
         W.addmm_(U, Vh, alpha=sigma)
-        return Refinement(sigma, "svd", int(s.numel()), float(s[0] / s[-1]))
-    P, sigma, boost_ratio = top
+        return Refinement(sigma, "svd", int(s.numel()), float(s[0] / s[-1]), cut or None)
+    P, sigma, boost_ratio, k = top
+    if P is None:
+        return Refinement(None, "gram-eigh", 0, None, cut or None)
     P = P.to(W.dtype)
     if plan.m >= plan.n:
         for start, stop in plan.blocks:
             addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
     else:
         addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
-    return Refinement(sigma, "gram-eigh", plan.k, boost_ratio)
+    return Refinement(sigma, "gram-eigh", k, boost_ratio, cut or None)

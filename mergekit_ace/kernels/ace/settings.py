@@ -64,6 +64,7 @@ class AceSettings:
     prior: bool
     lam: float
     drop_noise: bool
+    noise_floor: bool
     oom_fallback: str
     matmul_precision: str
     matmul: str
