@@ -28,7 +28,7 @@ NOISE_ULPS = 4
 NOISE_ENTRIES_SHARE = 1e-3
 NOISE_ENTRIES_MIN = 8
 # ... or its own change carries at most this share of its task vector's energy.
-NOISE_OWN_SHARE = 0.1
+NOISE_OWN_SHARE = 0.25
 # Formats coarser than float32 that a checkpoint may have been saved in before being read
 # back (or upcast by mergekit's ``dtype:``), coarsest first.
 STORAGE_FORMATS = (torch.bfloat16, torch.float16)
@@ -114,7 +114,8 @@ class NoiseFinding:
     """What :func:`noise_finding` measured on a storage-noise expert tensor: its storage
     precision ``precision`` and the base's ``base_precision``; how many of its ``entries``
     differ from the base rounded to ``precision`` (``changed``), by at most ``ulps`` units in
-    the last place of ``precision`` at the base tensor's largest entry; and ``own_share``, the
+    the last place of ``precision`` at the base tensor's largest entry (``entry_ulps``: in
+    units of each entry's own); and ``own_share``, the
     share of the task vector's energy those differences carry (the rest is the base's own
     rounding to ``precision``, zero when the base is stored that coarsely already)."""
 
@@ -124,6 +125,7 @@ class NoiseFinding:
     changed: int
     ulps: float
     own_share: float
+    entry_ulps: float = 0.0
 
     def describe(self) -> str:
         """The finding in entries and ulps, naming both dtypes."""
@@ -134,13 +136,12 @@ class NoiseFinding:
             what = f"equals the base ({base_fmt}) rounded to {fmt}, the expert's storage precision"
         if self.changed:
             what += (
-                f", except for {self.changed} of its {self.entries} entries, moved by at most "
-                f"{self.ulps:.0f} ulp of {fmt}"
+                f", except for {self.changed} of its {self.entries} entries, each moved by at "
+                f"most {self.entry_ulps:.3g} ulp of {fmt}"
             )
-        if self.own_share < 1.0 and self.base_precision != self.precision:
+        if self.changed and self.base_precision != self.precision:
             what += (
-                f"; {1.0 - self.own_share:.1%} of its task vector is the base's rounding to "
-                f"{fmt}"
+                f"; {1.0 - self.own_share:.1%} of its task vector is the base's rounding to {fmt}"
             )
         return what
 
@@ -191,10 +192,11 @@ def noise_finding(
         return None
     fmt = storage_precision(expert, step)
     ulp = ulp_at(scale.largest, fmt)
-    cap, changed, largest, own = noise_cap(base.numel()), 0, 0.0, 0.0
+    cap, changed, largest, own, entry_ulps = noise_cap(base.numel()), 0, 0.0, 0.0, 0.0
     close = (NOISE_FRACTION * unit_roundoff(fmt) * scale.norm) ** 2
     for b, e in zip(row_blocks(base, step), row_blocks(expert, step)):
-        r = e.to(dtype) - b.to(fmt).to(dtype)
+        restored = b.to(fmt).to(dtype)
+        r = e.to(dtype) - restored
         changed += int(torch.count_nonzero(r))
         largest = max(largest, float(r.abs().max())) if r.numel() else largest
         own += float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
@@ -202,14 +204,22 @@ def noise_finding(
             own > close and changed > cap and own > NOISE_OWN_SHARE * energy
         ):
             return None
-    return NoiseFinding(
-        fmt,
-        storage_precision(base, step),
-        base.numel(),
-        changed,
-        largest / ulp,
-        own / energy if energy > 0 else 0.0,
-    )
+        entry_ulps = max(entry_ulps, _entry_ulps(r, restored, fmt))
+    own_share = own / energy if energy > 0 else 0.0
+    base_fmt = storage_precision(base, step)
+    return NoiseFinding(fmt, base_fmt, base.numel(), changed, largest / ulp, own_share, entry_ulps)
+
+
+def _entry_ulps(r: torch.Tensor, restored: torch.Tensor, fmt: torch.dtype) -> float:
+    """The largest ``|r|`` in units of ``fmt``'s spacing at each entry of ``restored``."""
+    moved = r != 0
+    if not bool(moved.any()):
+        return 0.0
+    values = restored[moved]
+    info = torch.finfo(fmt)
+    _, exponent = torch.frexp(values.abs().clamp_min(info.tiny))
+    spacing = torch.ldexp(torch.full_like(values, info.eps), exponent - 1)
+    return float((r[moved].abs() / spacing).max())
 
 
 class NoiseCheck:
