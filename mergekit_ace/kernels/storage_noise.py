@@ -28,7 +28,7 @@ NOISE_ULPS = 4
 NOISE_ENTRIES_SHARE = 1e-3
 NOISE_ENTRIES_MIN = 8
 # ... or its own change carries at most this share of its task vector's energy.
-NOISE_OWN_SHARE = 0.25
+NOISE_OWN_SHARE = 1.0 / 3.0
 # Formats coarser than float32 that a checkpoint may have been saved in before being read
 # back (or upcast by mergekit's ``dtype:``), coarsest first.
 STORAGE_FORMATS = (torch.bfloat16, torch.float16)
