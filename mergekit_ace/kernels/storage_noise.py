@@ -2,8 +2,10 @@
 (docs/method.md, "Experts at storage noise").
 
 A task vector is storage noise when the expert's tensor equals the base tensor rounded to the
-expert's own storage precision, up to a small fraction of that precision's unit round-off.
-:class:`NoiseCheck` applies the test to one tensor's experts and reports what it finds.
+expert's own storage precision up to rounding, a handful of entries moved by a few ulps, or a
+change that carries at most a third of the task vector (:func:`noise_finding`).
+:class:`NoiseCheck` applies the test to one tensor's experts and reports what it finds;
+:data:`noise_ledger` gathers the verdicts of a merge per model for its end.
 """
 
 from __future__ import annotations
