@@ -17,6 +17,7 @@ from mergekit_ace import card, compat, shapes
 from mergekit_ace.checks import at_merge
 from mergekit_ace.kernels.ace.reports import accuracy_reports
 from mergekit_ace.kernels.reports import reset_reports
+from mergekit_ace.kernels.storage_noise import noise_ledger
 from mergekit_ace.methods import METHODS, our_method
 
 LOG = logging.getLogger("mergekit_ace")
@@ -84,8 +85,11 @@ def start_reports(config: Any = None, source: Any = None) -> None:
 
 
 def summarize_reports(config: Any = None) -> None:
-    """After a merge: how many tensors round-off can change by more than 1 %, where the log
+    """After a merge: each model that was storage noise in some tensors, with the tensors
+    where it was not; how many tensors round-off can change by more than 1 %, where the log
     named only the first (the rest are at debug level, ``-vv``)."""
+    for line in noise_ledger.summary():
+        LOG.warning("%s", line)
     count = accuracy_reports.total()
     if count > 1:
         LOG.warning(

@@ -50,7 +50,33 @@ def _noise_cases():
             bf16,
             (bf16.float() + 1e-6 * torch.randn(base.shape, generator=g)).to(torch.bfloat16),
         ),
+        # a bf16 copy of a bf16 base with a handful of entries moved by a few ulps
+        "bf16 base, one entry moved by 1 ulp": (bf16, _moved(bf16, [(5, 7)], 1)),
+        "bf16 base, 8 entries moved by 3 ulp": (bf16, _moved(bf16, _entries(8), 3)),
+        # a 1e-4 (relative) fine-tune saved in bf16 from an fp32 base: its task vector is
+        # mostly the base's rounding to bf16
+        "1e-4 fine-tune saved as bf16 from an fp32 base": (base, _light(base, g)),
     }
+
+
+def _entries(count, shape=(48, 40)):
+    return [(7 * i % shape[0], 11 * i % shape[1]) for i in range(count)]
+
+
+def _moved(tensor, entries, ulps):
+    """``tensor`` (bf16) with each of ``entries`` moved up by ``ulps`` units in the last place
+    (``nextafter`` ``ulps`` times)."""
+    out = tensor.clone()
+    for i, j in entries:
+        value = out[i, j]
+        for _ in range(ulps):
+            value = torch.nextafter(value, torch.tensor(float("inf"), dtype=tensor.dtype))
+        out[i, j] = value
+    return out
+
+
+def _light(base, g, rel=1e-4):
+    return (base * (1 + rel * torch.randn(base.shape, generator=g))).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", list(_noise_cases()))
@@ -177,3 +203,110 @@ def test_all_finite_finds_nan_inf_and_does_not_mistake_overflowing_sums():
         x = torch.randn(8, 8)
         x[3, 4] = bad
         assert not all_finite(x) and not all_finite(x.to(torch.bfloat16))
+
+
+def _finding(base, expert):
+    from mergekit_ace.kernels.storage_noise import BaseScale, noise_finding
+
+    energy = float((expert.double() - base.double()).norm()) ** 2
+    scale = BaseScale(float(base.double().norm()), float(base.abs().max()))
+    return noise_finding(base, expert, energy, scale, torch.float32)
+
+
+def _spacing(value, dtype):
+    """The gap from ``|value|`` to the next larger ``dtype`` value (independent of frexp)."""
+    v = torch.tensor(abs(float(value)), dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(float("inf"), dtype=dtype))) - float(v)
+
+
+def test_entries_and_ulps_by_hand():
+    """A bf16 base with 8 entries moved by 3 ulp: the finding counts 8 changed entries of 1920,
+    3 ulp each in their own units, and in units of the largest entry's ulp the largest move
+    divided by that spacing; 9 entries (the cap is max(8, 0.1 %) = 8) or 5 ulp at the largest
+    entry are not noise."""
+    base, _, _ = _real_experts()
+    bf16 = base.to(torch.bfloat16)
+    entries = _entries(8)
+    finding = _finding(bf16, _moved(bf16, entries, 3))
+    assert finding is not None and (finding.changed, finding.entries) == (8, 1920)
+    assert finding.entry_ulps == 3.0
+    top = _spacing(bf16.float().abs().max(), torch.bfloat16)
+    moves = [3 * _spacing(bf16[i, j], torch.bfloat16) for i, j in entries]
+    assert finding.ulps == pytest.approx(max(moves) / top)
+    assert finding.base_precision == finding.precision == torch.bfloat16
+    assert _finding(bf16, _moved(bf16, _entries(9), 3)) is None
+    i, j = divmod(int(bf16.float().abs().argmax()), bf16.shape[1])
+    assert _finding(bf16, _moved(bf16, [(i, j)], 4)).ulps == 4.0
+    assert _finding(bf16, _moved(bf16, [(i, j)], 5)) is None
+
+
+def test_rounding_share_by_hand():
+    """A 1e-4 fine-tune saved in bf16 from an fp32 base: the expert's own change beyond the
+    rounded base carries ``||W_t - fl(W0)||^2 / ||W_t - W0||^2`` of the task vector (under
+    a third: noise); a 1e-3 fine-tune (the benchmark's experts) saved the same way carries most
+    of it (not noise)."""
+    base, experts, g = _real_experts()
+    light = _light(base, g)
+    own = float((light.double() - base.to(torch.bfloat16).double()).norm() ** 2)
+    share = own / float((light.double() - base.double()).norm() ** 2)
+    finding = _finding(base, light)
+    assert 0.0 < share < 1 / 3 and finding.own_share == pytest.approx(share, rel=1e-6)
+    assert (finding.precision, finding.base_precision) == (torch.bfloat16, torch.float32)
+    assert _finding(base, experts[0].to(torch.bfloat16)) is None
+
+
+def test_messages_name_the_right_dtypes():
+    base, _, g = _real_experts()
+    bf16 = base.to(torch.bfloat16)
+    assert _finding(base, base.to(torch.float16)).describe() == (
+        "equals the base (float32) rounded to float16, the expert's storage precision"
+    )
+    text = _finding(bf16, _moved(bf16, [(5, 7)], 1)).describe()
+    assert text == (
+        "equals the base (stored as bfloat16), except for 1 of its 1920 entries, each moved "
+        "by at most 1 ulp of bfloat16"
+    )
+    text = _finding(base, _light(base, g)).describe()
+    assert text.startswith("equals the base (float32) rounded to bfloat16, the expert's storage")
+    assert "of its task vector is the base's rounding to bfloat16" in text
+
+
+def test_a_light_bf16_fine_tune_of_an_fp32_base_would_move_ace():
+    """Kept, the 1e-4 fine-tune saved in bf16 (most of its task vector the base's rounding)
+    moves ACE's merge by more than half; left out, the merge is the other experts'."""
+    base, experts, g = _real_experts()
+    without, _ = ace_merge(base, experts)
+    merged, diag = ace_merge(base, experts + [_light(base, g)])
+    kept, _ = ace_merge(
+        base, experts + [_light(base, torch.Generator().manual_seed(0))], drop_noise=False
+    )
+    assert diag.noise == [3] and torch.equal(merged, without)
+    assert float((kept - without).norm() / (without - base).norm()) > 0.5
+
+
+def test_the_merge_summary_shows_each_model_whole(caplog):
+    """A model that is storage noise in some tensors and a real fine-tune in others: the
+    summary names it once, with how many tensors were noise and which were not; a model that
+    is noise everywhere is told to be removed."""
+    from mergekit_ace.kernels.storage_noise import noise_ledger
+
+    base, experts, g = _real_experts()
+    names = ["a", "b", "c", "half", "copy"]
+    for t in range(4):
+        half = base + _delta(base, 1.2e-3, g) if t == 2 else base.to(torch.bfloat16)
+        tsv_merge(
+            base,
+            experts + [half, base.to(torch.float16)],
+            tensor_name=f"layer.{t}.w",
+            expert_names=names,
+        )
+    lines = noise_ledger.summary()
+    assert lines == [
+        "storage noise: model half (stored as bfloat16, the base as float32) is the base "
+        "re-stored, not a fine-tune, in 3 of the 4 tensors compared; left out there. It "
+        "carries a real change in 1: 'layer.2.w', merged there. To leave it out everywhere "
+        "remove it from `models:`; to keep it everywhere set `drop_noise: false`.",
+        "storage noise: model copy (stored as float16, the base as float32) is the base "
+        "re-stored, not a fine-tune, in 4 of the 4 tensors compared; left out there. Remove "
+        "it from `models:`: it changes nothing the merge should keep.",
+    ]

@@ -35,11 +35,15 @@ class OncePerKey:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def reset(self) -> None:
+        self.counts = {}
 
-_REGISTRY: List[OncePerKey] = []
+
+# The reports of this module and any other per-merge record with a ``reset()`` method.
+_REGISTRY: List = []
 
 
 def reset_reports() -> None:
     """Start every report afresh (a new merge)."""
     for report in _REGISTRY:
-        report.counts = {}
+        report.reset()

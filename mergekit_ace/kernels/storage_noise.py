@@ -2,8 +2,10 @@
 (docs/method.md, "Experts at storage noise").
 
 A task vector is storage noise when the expert's tensor equals the base tensor rounded to the
-expert's own storage precision, up to a small fraction of that precision's unit round-off.
-:class:`NoiseCheck` applies the test to one tensor's experts and reports what it finds.
+expert's own storage precision up to rounding, a handful of entries moved by a few ulps, or a
+change that carries at most a third of the task vector (:func:`noise_finding`).
+:class:`NoiseCheck` applies the test to one tensor's experts and reports what it finds;
+:data:`noise_ledger` gathers the verdicts of a merge per model for its end.
 """
 
 from __future__ import annotations
@@ -11,16 +13,24 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from mergekit_ace.kernels.inputs import expert_label
 from mergekit_ace.kernels.linalg import unit_roundoff
-from mergekit_ace.kernels.reports import OncePerKey
+from mergekit_ace.kernels.reports import _REGISTRY, OncePerKey
 
 # The residual ||W_t - fl_p(W0)||_F allowed, as a fraction of u_p ||W0||_F.
 NOISE_FRACTION = 2.0**-8
+# No entry of a storage-noise expert is further from the rounded base than this many units in
+# the last place of its storage precision (at the base tensor's largest entry).
+NOISE_ULPS = 4
+# ... and it changes at most this share of the entries (at least NOISE_ENTRIES_MIN of them),
+NOISE_ENTRIES_SHARE = 1e-3
+NOISE_ENTRIES_MIN = 8
+# ... or its own change carries at most this share of its task vector's energy.
+NOISE_OWN_SHARE = 1.0 / 3.0
 # Formats coarser than float32 that a checkpoint may have been saved in before being read
 # back (or upcast by mergekit's ``dtype:``), coarsest first.
 STORAGE_FORMATS = (torch.bfloat16, torch.float16)
@@ -84,72 +94,142 @@ def storage_noise(
     step: Optional[int] = None,
     rounding: Optional[dict] = None,
 ) -> Optional[torch.dtype]:
-    """The storage precision ``p`` of ``expert`` if its task vector is storage noise, else None.
+    """The storage precision ``p`` of ``expert`` if its task vector is storage noise
+    (:func:`noise_finding`), else None. ``energy`` is ``||tau_t||_F^2``, ``base_norm``
+    ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the rows per block; ``rounding`` is
+    kept for callers of the earlier signature and not needed."""
+    scale = BaseScale(base_norm, float(base.abs().max()) if base.numel() else 0.0)
+    finding = noise_finding(base, expert, energy, scale, dtype, step)
+    return finding.precision if finding is not None else None
 
-    Storage noise: ``||W_t - fl_p(W0)||_F <= NOISE_FRACTION * u_p * ||W0||_F`` with ``u_p``
-    the unit round-off of ``p``: the task vector is the rounding error of re-storing the base
-    (``||fl_p(W0) - W0||_F <= u_p ||W0||_F``), not a fine-tuning update. ``energy`` is
-    ``||tau_t||_F^2``, ``base_norm`` ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the
-    rows per block. ``rounding``: a dict the caller keeps for one base tensor, so that the
-    base's own rounding errors ``||fl_p(W0) - W0||_F`` are measured once for all experts.
 
-    A task vector larger than ``NOISE_FRACTION * u_p * ||W0|| + ||fl_p(W0) - W0||`` for every
-    candidate ``p`` cannot be noise (triangle inequality) and is not looked at further: for a
-    base stored in bfloat16 that bound is ``2^-16 ||W0||``, so real experts cost nothing here.
-    """
-    size = math.sqrt(energy)
-    if size > (1.0 + NOISE_FRACTION) * unit_roundoff(STORAGE_FORMATS[0]) * base_norm:
-        return None  # larger than any rounding of the base
-    if rounding is not None and _above_every_rounding(
-        base, expert, size, base_norm, step, rounding
-    ):
+@dataclass(frozen=True)
+class BaseScale:
+    """``||W0||_F`` and ``max |W0|``, measured once per base tensor."""
+
+    norm: float
+    largest: float
+
+
+@dataclass(frozen=True)
+class NoiseFinding:
+    """What :func:`noise_finding` measured on a storage-noise expert tensor: its storage
+    precision ``precision`` and the base's ``base_precision``; how many of its ``entries``
+    differ from the base rounded to ``precision`` (``changed``), by at most ``ulps`` units in
+    the last place of ``precision`` at the base tensor's largest entry (``entry_ulps``: in
+    units of each entry's own); and ``own_share``, the
+    share of the task vector's energy those differences carry (the rest is the base's own
+    rounding to ``precision``, zero when the base is stored that coarsely already)."""
+
+    precision: torch.dtype
+    base_precision: Optional[torch.dtype]
+    entries: int
+    changed: int
+    ulps: float
+    own_share: float
+    entry_ulps: float = 0.0
+
+    def describe(self) -> str:
+        """The finding in entries and ulps, naming both dtypes."""
+        fmt, base_fmt = dtype_name(self.precision), dtype_name(self.base_precision)
+        if self.base_precision == self.precision:
+            what = f"equals the base (stored as {fmt})"
+        else:
+            what = f"equals the base ({base_fmt}) rounded to {fmt}, the expert's storage precision"
+        if self.changed:
+            what += (
+                f", except for {self.changed} of its {self.entries} entries, each moved by at "
+                f"most {self.entry_ulps:.3g} ulp of {fmt}"
+            )
+        if self.changed and self.base_precision != self.precision:
+            what += (
+                f"; {1.0 - self.own_share:.1%} of its task vector is the base's rounding to {fmt}"
+            )
+        return what
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "unknown"
+
+
+def ulp_at(value: float, fmt: torch.dtype) -> float:
+    """The spacing of ``fmt``'s values at ``|value|`` (at its smallest normal for 0)."""
+    info = torch.finfo(fmt)
+    _, exponent = math.frexp(max(abs(value), info.tiny))
+    return math.ldexp(info.eps, exponent - 1)
+
+
+def noise_cap(entries: int) -> int:
+    """How many entries a storage-noise expert may change: ``NOISE_ENTRIES_SHARE`` of them,
+    at least ``NOISE_ENTRIES_MIN``."""
+    return max(NOISE_ENTRIES_MIN, int(NOISE_ENTRIES_SHARE * entries))
+
+
+def noise_finding(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    energy: float,
+    scale: BaseScale,
+    dtype: torch.dtype,
+    step: Optional[int] = None,
+) -> Optional[NoiseFinding]:
+    """A :class:`NoiseFinding` when ``expert``'s task vector (``energy = ||tau||_F^2``) is
+    storage noise, else None (docs/method.md, "Experts at storage noise").
+
+    With ``p`` the expert's storage precision and ``r = W_t - fl_p(W0)`` the expert's own
+    change beyond re-storing the base: no entry of ``r`` exceeds ``NOISE_ULPS`` ulps of ``p``
+    at ``max |W0|``, and either ``||r||_F <= NOISE_FRACTION u_p ||W0||_F`` (the base re-stored,
+    up to rounding), or ``r`` changes at most :func:`noise_cap` entries (a copy of the base
+    with a handful of entries moved), or ``||r||_F^2 <= NOISE_OWN_SHARE ||tau||_F^2`` (the task
+    vector is the base's rounding to ``p``). ``tau = r + (fl_p(W0) - W0)`` bounds ``||tau||``
+    for each alternative, so a larger task vector is not looked at further."""
+    fmt = STORAGE_FORMATS[0]
+    limit = max(
+        (1.0 + NOISE_FRACTION) * unit_roundoff(fmt) * scale.norm,
+        unit_roundoff(fmt) * scale.norm / (1.0 - math.sqrt(NOISE_OWN_SHARE)),
+        unit_roundoff(fmt) * scale.norm
+        + NOISE_ULPS * ulp_at(scale.largest, fmt) * math.sqrt(noise_cap(base.numel())),
+    )
+    if math.sqrt(energy) > 1.01 * limit:
         return None
     fmt = storage_precision(expert, step)
-    squares = 0.0
+    ulp = ulp_at(scale.largest, fmt)
+    cap, changed, largest, own, entry_ulps = noise_cap(base.numel()), 0, 0.0, 0.0, 0.0
+    close = (NOISE_FRACTION * unit_roundoff(fmt) * scale.norm) ** 2
     for b, e in zip(row_blocks(base, step), row_blocks(expert, step)):
-        d = e.to(dtype) - b.to(fmt).to(dtype)
-        squares += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-    limit = NOISE_FRACTION * unit_roundoff(fmt) * base_norm
-    return fmt if math.sqrt(squares) <= limit else None
+        restored = b.to(fmt).to(dtype)
+        r = e.to(dtype) - restored
+        changed += int(torch.count_nonzero(r))
+        largest = max(largest, float(r.abs().max())) if r.numel() else largest
+        own += float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+        if largest > NOISE_ULPS * ulp or (
+            own > close and changed > cap and own > NOISE_OWN_SHARE * energy
+        ):
+            return None
+        entry_ulps = max(entry_ulps, _entry_ulps(r, restored, fmt))
+    own_share = own / energy if energy > 0 else 0.0
+    base_fmt = storage_precision(base, step)
+    return NoiseFinding(fmt, base_fmt, base.numel(), changed, largest / ulp, own_share, entry_ulps)
 
 
-def _above_every_rounding(base, expert, size, base_norm, step, rounding) -> bool:
-    """``size`` exceeds, for every format the expert could be stored in, the noise limit plus
-    the base's own rounding error in that format (1 % margins)."""
-    candidates = [expert.dtype] + [
-        f for f in STORAGE_FORMATS if unit_roundoff(f) > unit_roundoff(expert.dtype)
-    ]
-    return all(
-        size
-        > 1.01 * NOISE_FRACTION * unit_roundoff(f) * base_norm
-        + 1.01 * _rounding_error(base, f, rounding, step)
-        for f in candidates
-    )
-
-
-def _rounding_error(
-    base: torch.Tensor, fmt: torch.dtype, cache: dict, step: Optional[int]
-) -> float:
-    """``||fl_fmt(W0) - W0||_F`` (0 where ``fmt`` holds ``W0`` exactly), cached in ``cache``."""
-    if fmt not in cache:
-        if unit_roundoff(fmt) <= unit_roundoff(base.dtype):
-            cache[fmt] = 0.0
-        else:
-            cache[fmt] = math.sqrt(
-                sum(
-                    float(torch.linalg.vector_norm(b.to(fmt).to(b.dtype) - b, dtype=torch.float64))
-                    ** 2
-                    for b in row_blocks(base, step)
-                )
-            )
-    return cache[fmt]
+def _entry_ulps(r: torch.Tensor, restored: torch.Tensor, fmt: torch.dtype) -> float:
+    """The largest ``|r|`` in units of ``fmt``'s spacing at each entry of ``restored``."""
+    moved = r != 0
+    if not bool(moved.any()):
+        return 0.0
+    values = restored[moved]
+    info = torch.finfo(fmt)
+    _, exponent = torch.frexp(values.abs().clamp_min(info.tiny))
+    spacing = torch.ldexp(torch.full_like(values, info.eps), exponent - 1)
+    return float((r[moved].abs() / spacing).max())
 
 
 class NoiseCheck:
-    """:func:`storage_noise` for the experts of one base tensor, with ``||W0||_F`` and the
-    base's rounding errors measured once, and each finding reported (once per model as a
-    warning, later tensors of that model at debug level), whether or not ``drop_noise`` leaves
-    the expert out."""
+    """:func:`noise_finding` for the experts of one base tensor, with ``||W0||_F`` and
+    ``max |W0|`` measured once, each finding reported (once per model as a warning, later
+    tensors of that model at debug level) whether or not ``drop_noise`` leaves the expert out,
+    and every verdict on a named tensor entered in :data:`noise_ledger` for the per-model
+    summary at the end of the merge."""
 
     def __init__(
         self,
@@ -163,33 +243,33 @@ class NoiseCheck:
     ):
         self.base, self.dtype, self.step = base, dtype, step
         self.drop_noise, self.tensor_name, self.expert_names = drop_noise, tensor_name, expert_names
-        self.base_norm: Optional[float] = None
-        self.rounding: Dict[torch.dtype, float] = {}
+        self.scale: Optional[BaseScale] = None
 
     def __call__(self, index: int, expert: torch.Tensor, energy: float) -> bool:
         """Whether expert ``index``'s task vector (of squared norm ``energy``) is noise."""
-        if self.base_norm is None:
-            self.base_norm = frobenius(self.base, self.step)
-        fmt = storage_noise(
-            self.base, expert, energy, self.base_norm, self.dtype, self.step, self.rounding
-        )
-        if fmt is None:
+        if self.scale is None:
+            largest = float(self.base.abs().max()) if self.base.numel() else 0.0
+            self.scale = BaseScale(frobenius(self.base, self.step), largest)
+        finding = noise_finding(self.base, expert, energy, self.scale, self.dtype, self.step)
+        label = expert_label(self.expert_names, index)
+        noise_ledger.enter(label, self.tensor_name, finding, self.drop_noise)
+        if finding is None:
             return False
-        self._report(expert_label(self.expert_names, index), fmt)
+        self._report(label, finding)
         return True
 
-    def _report(self, label: str, fmt: torch.dtype) -> None:
+    def _report(self, label: str, finding: NoiseFinding) -> None:
         what = (
-            "left out of the merge (set `drop_noise: false` to keep it)"
+            "left out of the merge here (set `drop_noise: false` to keep it)"
             if self.drop_noise
             else "kept in the merge because `drop_noise` is false"
         )
         tensor = repr(self.tensor_name) if self.tensor_name else "(unnamed)"
         noise_reports.log(
             label,
-            f"model {label}: its tensor {tensor} equals the base model's stored as "
-            f"{str(fmt).replace('torch.', '')}, up to rounding: the task vector is storage "
-            f"noise, not a fine-tuning update; {what}.",
+            f"model {label}: its tensor {tensor} {finding.describe()}: the task vector is "
+            f"storage noise, not a fine-tuning update; {what}. The end of the merge lists, "
+            "per model, the tensors where it is storage noise and where it is not.",
         )
 
 
@@ -280,3 +360,61 @@ def _entry_variance(block: torch.Tensor, bits: int) -> torch.Tensor:
     field = biased.mul(2).sub_(2 * (126 + bits) - 127).clamp_(0, 254)  # 2 (e - p) + 127
     field.masked_fill_(biased == 0, 0)  # zeros and subnormals
     return field.bitwise_left_shift_(23).view(torch.float32).mul_(1.0 / 12.0)
+
+
+class NoiseLedger:
+    """Every storage-noise verdict of a merge on named tensors, per model, for the summary
+    at its end (:meth:`summary`): a model that is storage noise in some tensors and a real
+    fine-tune in others is then shown whole, and the user decides."""
+
+    def __init__(self) -> None:
+        self.noise: Dict[str, List[str]] = {}
+        self.real: Dict[str, List[str]] = {}
+        self.formats: Dict[str, NoiseFinding] = {}
+        self.dropped = True
+        _REGISTRY.append(self)
+
+    def reset(self) -> None:
+        self.noise, self.real, self.formats, self.dropped = {}, {}, {}, True
+
+    def enter(self, label: str, tensor: Optional[str], finding, drop_noise: bool) -> None:
+        if tensor is None:
+            return
+        found = self.noise if finding is not None else self.real
+        tensors = found.setdefault(label, [])
+        if tensor not in tensors:  # a tensor checked twice (a re-computation) counts once
+            tensors.append(tensor)
+        if finding is not None:
+            self.formats.setdefault(label, finding)
+            self.dropped = drop_noise
+
+    def summary(self, listed: int = 10) -> List[str]:
+        """One line per model that was storage noise in at least one tensor."""
+        lines = []
+        for label, noise in self.noise.items():
+            real = self.real.get(label, [])
+            lines.append(_model_line(label, noise, real, self.formats[label], self.dropped, listed))
+        return lines
+
+
+def _model_line(label, noise, real, finding: NoiseFinding, dropped: bool, listed: int) -> str:
+    total = len(noise) + len(real)
+    fmt, base_fmt = dtype_name(finding.precision), dtype_name(finding.base_precision)
+    stored = f"stored as {fmt}" + ("" if fmt == base_fmt else f", the base as {base_fmt}")
+    fate = "left out" if dropped else "kept (`drop_noise: false`)"
+    line = (
+        f"storage noise: model {label} ({stored}) is the base re-stored, not a fine-tune, in "
+        f"{len(noise)} of the {total} tensors compared; {fate} there."
+    )
+    if not real:
+        return line + " Remove it from `models:`: it changes nothing the merge should keep."
+    shown = ", ".join(repr(t) for t in real[:listed])
+    more = f" and {len(real) - listed} more" if len(real) > listed else ""
+    return line + (
+        f" It carries a real change in {len(real)}: {shown}{more}, merged there. To leave "
+        "it out everywhere remove it from `models:`; to keep it everywhere set "
+        "`drop_noise: false`."
+    )
+
+
+noise_ledger = NoiseLedger()

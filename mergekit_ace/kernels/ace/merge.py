@@ -27,9 +27,10 @@ from mergekit_ace.kernels.ace.fallback import goes_to_cpu, merge_on_cpu
 from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS, DEFAULT_GATE_STATISTIC
 from mergekit_ace.kernels.ace.refine import NoiseFloor, Refinement, solve_and_refine
 from mergekit_ace.kernels.ace.reports import Spectra, report_conditioning
+from mergekit_ace.kernels.ace.roundoff import roundoff_change
 from mergekit_ace.kernels.ace.scan import scan_experts
 from mergekit_ace.kernels.ace.settings import AceSettings
-from mergekit_ace.kernels.ace.workspace import plan_workspace, scan_block_rows
+from mergekit_ace.kernels.ace.workspace import WorkspacePlan, plan_workspace, scan_block_rows
 from mergekit_ace.kernels.finishing import finish, finish_rows
 from mergekit_ace.kernels.inputs import TensorNames, check_inputs, normalized_weights
 from mergekit_ace.kernels.linalg import SolveInfo
@@ -59,7 +60,9 @@ class AceDiagnostics(MergeDiagnostics):
     kernels.linalg.SolveInfo`). ``boost_ratio``: ``s_1 / s_k`` over the directions the
     refinement boosted, the factor by which it multiplies the solve's relative round-off;
     ``noise_floor`` the singular value of ``F`` at or below which it boosted nothing
-    (``None`` with ``noise_floor: false`` or no refinement).
+    (``None`` with ``noise_floor: false`` or no refinement). ``roundoff_change``: where
+    ``condition * u * boost_ratio`` exceeds ``ACCURACY_WARN``, the measured relative change
+    round-off makes to the merged update (:mod:`.roundoff`).
     ``ridge``: the mean ridge ``sum w eps_t / sum w``. ``device``: ``"cpu (fallback)"`` when a
     CUDA tensor was merged on the CPU. ``matmul``: the precision the large products ran in
     (``float32``, ``tf32x3``, ``tf32``). ``concentration_pre`` / ``concentration_post`` (only
@@ -77,6 +80,7 @@ class AceDiagnostics(MergeDiagnostics):
     condition: Optional[float] = None
     boost_ratio: Optional[float] = None
     noise_floor: Optional[float] = None
+    roundoff_change: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
     matmul: Optional[str] = None
@@ -185,12 +189,35 @@ def merge_matrix(
     weights: Sequence[float],
     names: TensorNames,
 ) -> tuple[torch.Tensor, AceDiagnostics]:
-    """Steps 1-7 of docs/method.md for a 2-D tensor, on checked inputs and resolved settings."""
+    """Steps 1-7 of docs/method.md for a 2-D tensor, on checked inputs and resolved settings.
+    Where the round-off bound exceeds ``ACCURACY_WARN``, the update is computed a second time
+    with rows and columns in another order (:func:`~mergekit_ace.kernels.ace.roundoff.
+    roundoff_change`) and the warning rests on the measured difference."""
+    W, diag, plan = merged_update(base, experts, settings, weights=weights, names=names)
+    if W is None:
+        return base.to(settings.out_dtype), diag
+    again = partial(roundoff_change, merged_update, base, experts, settings, weights, names, W)
+    report_conditioning(diag, settings.dtype, settings.eps, measure=again)
+    lam, out_dtype = settings.lam, settings.out_dtype
+    out = finish_rows(base, W, lam, out_dtype, names.tensor, plan.blocks, EPS_REMEDY)  # step 7
+    return out, diag
+
+
+def merged_update(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    settings: AceSettings,
+    *,
+    weights: Sequence[float],
+    names: TensorNames,
+) -> tuple[Optional[torch.Tensor], AceDiagnostics, Optional[WorkspacePlan]]:
+    """Steps 1-6 for a 2-D tensor: ``(W, diagnostics, plan)``, ``W`` the merged task vector in
+    the compute dtype (``None`` when no expert takes part)."""
     scan = scan_experts(base, experts, weights, settings, **names.keywords)
     who = scan.participation
     diag = AceDiagnostics.of(names.tensor, base.shape, who, gate_statistic=settings.gate_statistic)
     if not who.indices:
-        return base.to(settings.out_dtype), diag
+        return None, diag, None
     decision = settings.branch(who.energies)  # step 1
     heterogeneous = decision.heterogeneous
     k = settings.refined_directions(base.shape, heterogeneous)
@@ -228,10 +255,7 @@ def merge_matrix(
         spectra.after_refinement(W if refinement and refinement.sigma_iso is not None else None)
     ridge = sums.total_ridge / sum(who.weights)
     _record(diag, decision, k, ridge, solved, refinement, spectra, plan.matmul)
-    report_conditioning(diag, settings.dtype, settings.eps)
-    lam, out_dtype = settings.lam, settings.out_dtype
-    out = finish_rows(base, W, lam, out_dtype, names.tensor, plan.blocks, EPS_REMEDY)  # step 7
-    return out, diag
+    return W, diag, plan
 
 
 def noise_floor_of(

@@ -4,6 +4,7 @@ singular spectra before and after the refinement (the paper's Fig. 2)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import List, Optional
 
@@ -16,13 +17,22 @@ from mergekit_ace.kernels.reports import OncePerKey
 # The paper's Fig. 2 reads spectral concentration off the top 5 % of directions.
 TOP_FRACTION = 0.05
 
+logger = logging.getLogger(__name__)
+
 accuracy_reports = OncePerKey(" Further tensors with this eps are reported at debug level.")
 
 
-def report_conditioning(diag, dtype: torch.dtype, eps) -> None:
-    """Warn when ``dtype``'s round-off, multiplied by ``diag``'s condition number and the
-    refinement's ``boost_ratio``, can change the merged update by more than ``ACCURACY_WARN``
-    (once per ``eps`` and dtype, :data:`accuracy_reports`; later tensors at debug level)."""
+def report_conditioning(diag, dtype: torch.dtype, eps, measure=None) -> None:
+    """Warn when ``dtype``'s round-off can change the merged update by more than
+    ``ACCURACY_WARN`` (once per ``eps`` and dtype, :data:`accuracy_reports`; later tensors at
+    debug level).
+
+    The bound is ``diag``'s condition number times ``dtype``'s unit round-off times the
+    refinement's ``boost_ratio``. Where it exceeds ``ACCURACY_WARN`` and the system was solved
+    by Cholesky, ``measure(diag)`` (:func:`~mergekit_ace.kernels.ace.roundoff.roundoff_change`)
+    gives the measured change, stored as ``diag.roundoff_change``; the warning then fires
+    only when that exceeds ``ACCURACY_WARN`` too. A singular or indefinite system always
+    warns."""
     if diag.condition is None:
         return
     u = unit_roundoff(dtype)
@@ -30,10 +40,22 @@ def report_conditioning(diag, dtype: torch.dtype, eps) -> None:
     loss = diag.condition * u * amplification
     if not loss > ACCURACY_WARN:
         return
+    if measure is not None and diag.solver == "cholesky":
+        diag.roundoff_change = measure(diag)
+    measured = diag.roundoff_change
+    name = repr(diag.tensor) if diag.tensor else "(unnamed)"
+    if measured is not None and not measured > ACCURACY_WARN:
+        logger.debug(
+            "ACE: tensor %s: the round-off bound allows %.2g of the merged update, a second "
+            "computation in another summation order differs by %.2g; no warning.",
+            name,
+            loss,
+            measured,
+        )
+        return
     precision = str(dtype).replace("torch.", "")
     what, remedy = _cause_and_remedy(diag, precision, loss, amplification, u)
     rows, cols = diag.shape
-    name = repr(diag.tensor) if diag.tensor else "(unnamed)"
     message = (
         f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, "
         f"eps {eps}): {what}. For this tensor, {remedy}, or compute in float64 "
@@ -55,16 +77,26 @@ def _cause_and_remedy(diag, precision: str, loss: float, amplification: float, u
             "round-off can change the merged update by more than its own size"
         )
         return what, raise_eps
-    change = "more than its own size" if loss >= 1 else f"up to {loss:.0%} of its size"
     what = f"its system's condition number is about {diag.condition:.1e}"
     if amplification > 1:
         what += (
-            f" and the spectral refinement, boosting {diag.k} directions down to "
-            f"1/{amplification:.0f} of the largest singular value, multiplies the solve's "
-            f"round-off by {amplification:.0f}"
+            f" and the spectral refinement boosts {diag.k} directions down to "
+            f"1/{amplification:.0f} of the largest singular value"
         )
-    what += f", so {precision} round-off can change the merged update by {change}"
+    what += f", so {precision} round-off {_change(diag.roundoff_change, loss)}"
     return what, (raise_eps if diag.condition * u > ACCURACY_WARN else "lower `k_frac`")
+
+
+def _change(measured: Optional[float], bound: float) -> str:
+    """The measured change where there is one, else the bound."""
+    if measured is None:
+        size = "more than its own size" if bound >= 1 else f"up to {bound:.0%} of its size"
+        return f"can change the merged update by {size}"
+    size = "more than its own size" if measured >= 1 else f"{measured:.1%} of its size"
+    return (
+        f"changes the merged update by about {size} (measured: a second computation with "
+        "rows and columns in another order differs by that much)"
+    )
 
 
 def concentration(singular_values: torch.Tensor, top_fraction: float = TOP_FRACTION) -> float:
