@@ -5,7 +5,8 @@ list was: see ``corpora.DOMAINS``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.generative.corpora import DOMAINS
 from benchmarks.real_llama.model import TrainConfig
@@ -48,6 +49,18 @@ class GenSet:
             max_text_tokens=self.seq,
             seed=seed,
         )
+
+    def expert_group(self) -> str:
+        """Cache folder of the experts (sets that share experts name the same one)."""
+        return f"gen-{self.name}"
+
+    def merge_key(self, spec) -> str:
+        """Identity of a merge row: a stored row whose key differs is merged again."""
+        return spec.key()
+
+    def mergekit_args(self, merged_root: Path) -> List[str]:
+        """Extra ``mergekit-yaml`` options."""
+        return []
 
 
 # The second seed's all-experts merges: the swept methods and ACE with the paper's settings.
