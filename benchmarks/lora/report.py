@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from benchmarks.generative import report as gen
 from benchmarks.lora.config import OURS, code_fingerprint
