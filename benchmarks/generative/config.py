@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.generative.corpora import DOMAINS
+from benchmarks.real_llama.methods import MethodSpec, method_specs
 from benchmarks.real_llama.model import TrainConfig
 
 # Every method with its defaults, plus ACE under the paper's settings: row labels and groups
@@ -57,6 +58,10 @@ class GenSet:
     def merge_key(self, spec) -> str:
         """Identity of a merge row: a stored row whose key differs is merged again."""
         return spec.key()
+
+    def method_specs(self, size: int) -> List[MethodSpec]:
+        """The merge configurations the grid's method labels name, for ``size`` experts."""
+        return method_specs(size)
 
     def mergekit_args(self, merged_root: Path) -> List[str]:
         """Extra ``mergekit-yaml`` options."""

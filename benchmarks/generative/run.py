@@ -46,11 +46,13 @@ def canonical_label(spec: MethodSpec, size: int) -> str:
     return spec.label.replace(f"lambda=1/{size}", "mean")
 
 
-def method_rows(methods: Sequence[str], size: int) -> List[Tuple[str, MethodSpec]]:
+def method_rows(
+    methods: Sequence[str], size: int, specs: Optional[List[MethodSpec]] = None
+) -> List[Tuple[str, MethodSpec]]:
     """The available specs named by ``methods``: an exact row label picks that row alone (so
-    ``ace`` is the defaults only), anything else is a group of
-    :func:`benchmarks.real_llama.methods.method_specs`."""
-    specs = method_specs(size)
+    ``ace`` is the defaults only), anything else is a group of ``specs`` (default
+    :func:`benchmarks.real_llama.methods.method_specs`)."""
+    specs = method_specs(size) if specs is None else specs
     labels = {canonical_label(s, size) for s in specs}
     picked: List[MethodSpec] = []
     for key in methods:
@@ -156,6 +158,7 @@ def run(
     sizes: Optional[Sequence[int]] = None,
     source: Optional[ExpertSource] = None,
     redo: Optional[Callable[[MethodSpec], bool]] = None,
+    only: Optional[Sequence[str]] = None,
     log=print,
 ) -> Dict:
     """Run (or resume) the grid of ``gs`` (only ``phases`` -- experts, full, sweep --, training
@@ -163,7 +166,8 @@ def run(
     Processes running different parts at once share the JSON file safely.
 
     ``source`` makes the experts (default :func:`full_fine_tune`); a merge row is redone when
-    ``gs.merge_key(spec)`` changed or ``redo(spec)`` is true."""
+    ``gs.merge_key(spec)`` changed or ``redo(spec)`` is true; ``only``: run only these methods
+    (row labels) of the grid."""
     t_start = time.perf_counter()
     results_path = results_path or RESULTS / f"{gs.name}.json"
     base_dir = base_dir or prepare_base(cache / "base")
@@ -259,7 +263,9 @@ def run(
                 for m in gs.sweep_methods
             ]
         for subset, method in jobs:
-            for label, spec in method_rows([method], len(subset)):
+            if only is not None and method not in only:
+                continue
+            for label, spec in method_rows([method], len(subset), gs.method_specs(len(subset))):
                 key = row_key(seed, subset, label, names)
                 old = rows.get(key)
                 fresh = old and old.get("key") == gs.merge_key(spec) and "error" not in old

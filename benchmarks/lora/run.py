@@ -57,6 +57,7 @@ def run_sets(
     phases: Optional[Sequence[str]] = None,
     sizes: Optional[Sequence[int]] = None,
     redo: Optional[Sequence[str]] = None,
+    only: Optional[Sequence[str]] = None,
     log=print,
 ) -> Dict[str, Dict]:
     """Run (or resume) each set in turn on the bfloat16 base; returns results by set name."""
@@ -76,6 +77,7 @@ def run_sets(
             sizes=sizes,
             source=lora_source(gs.form),
             redo=redo_rule(redo),
+            only=only,
             log=log,
         )
     return out
@@ -146,6 +148,7 @@ def main(argv=None) -> None:
         help="merge these again even when cached: 'ours' (ace, actmat, tsv, iso_c, iso_cts), "
         "'all', or method names / row labels",
     )
+    ap.add_argument("--methods", nargs="*", help="only these row labels of the grid")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
     else:
         if not args.report_only:
             sets = [LORA_SETS[f"lora-r{r}-{f}"] for r in args.ranks for f in args.forms]
-            run_sets(sets, phases=args.phases, sizes=args.sizes, redo=args.redo)
+            run_sets(sets, phases=args.phases, sizes=args.sizes, redo=args.redo, only=args.methods)
         write_report(load_results())
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
