@@ -62,9 +62,12 @@ def overlap(taus: List[torch.Tensor], r: int) -> float:
     )
 
 
-def tensor_row(base: torch.Tensor, experts: List[torch.Tensor], r: int) -> Dict[str, float]:
+def tensor_row(
+    base: torch.Tensor, experts: List[torch.Tensor], r: int, **params
+) -> Dict[str, float]:
+    """The numbers of the module docstring for one tensor; ``params``: ``ace_merge``'s."""
     taus = [e - base for e in experts]
-    merged, diag = ace_merge(base, experts)
+    merged, diag = ace_merge(base, experts, **params)
     w = (merged.float() - base).double()
     s = sum(t.double() for t in taus)
     dot = float((w * s).sum())
