@@ -38,7 +38,14 @@ FULL_METHODS = (
 RIDGE_SPECS = tuple(
     MethodSpec(f"ace (eps={eps:g})", "ace", "lora-ridge", {"eps": eps}) for eps in (1e-2, 1e-1)
 )
-SWEEP_METHODS = ("ace", "tsv", "ties", "task_arithmetic (lambda=1)", "task_arithmetic (mean)")
+SWEEP_METHODS = (
+    "ace",
+    "ace (eps=0.01)",
+    "tsv",
+    "ties",
+    "task_arithmetic (lambda=1)",
+    "task_arithmetic (mean)",
+)
 # adapter: "model: <base>+<adapter dir>", folded by mergekit in float32 (--lora-merge-dtype);
 # bf16: the expert checkpoint with the adapter folded in, stored in bfloat16.
 FORMS = ("adapter", "bf16")
