@@ -6,7 +6,7 @@ overlap.
 
 For a tensor with task vectors ``tau_t`` and ACE's merged update ``W`` (the kernel with its
 defaults, float32), it reports ``a_sum = <W, S> / <S, S>`` with ``S = sum_t tau_t`` (1: ACE
-adds the experts, as task arithmetic at lambda 1; 1/T: it averages them), the share of ``W``
+adds the experts, as task arithmetic at lambda 1; 1/T: it averages them), ``|W| / |S|``, the share of ``W``
 outside ``span(S)`` along that line, ``1 - <W, S>^2 / (|W|^2 |S|^2)``, and the mean pairwise
 overlap of the experts' input (row) subspaces, ``||P_i P_j||_F^2 / r`` for the projections
 ``P`` onto each ``tau_t``'s top-``r`` right singular vectors (0: orthogonal, 1: the same).
@@ -73,6 +73,7 @@ def tensor_row(
     dot = float((w * s).sum())
     return {
         "a_sum": dot / float((s * s).sum()),
+        "norm_ratio": float(w.norm() / s.norm()),
         "outside": 1 - dot**2 / float((w * w).sum() * (s * s).sum()),
         "overlap": overlap(taus, r),
         "branch": diag.branch,
@@ -80,7 +81,9 @@ def tensor_row(
     }
 
 
-def diagnose(rank: int, layers=range(0, 30, 5), cache: Path = CACHE) -> Dict[str, Dict]:
+def diagnose(rank: int, layers=range(0, 30, 5), cache: Path = CACHE, **params) -> Dict[str, Dict]:
+    """Means over ``layers`` per storage form and module type; ``params``: ACE's (default:
+    its defaults)."""
     gs = LORA_SETS[f"lora-r{rank}-adapter"]
     cfg = gs.train_config(0)
     root = cache / "experts" / gs.expert_group()
@@ -97,31 +100,33 @@ def diagnose(rank: int, layers=range(0, 30, 5), cache: Path = CACHE) -> Dict[str
                     experts = [base + adapter_delta(d / ADAPTER, name) for d in dirs]
                 else:
                     experts = [_tensor(d / FOLDED / "model.safetensors", name) for d in dirs]
-                rows.append(tensor_row(base, experts, rank))
+                rows.append(tensor_row(base, experts, rank, **params))
             out.setdefault(form, {})[mod] = {
-                k: sum(r[k] for r in rows) / len(rows) for k in ("a_sum", "outside", "overlap")
+                k: sum(r[k] for r in rows) / len(rows) for k in ("a_sum", "norm_ratio", "outside", "overlap")
             }
             out[form][mod]["branches"] = sorted({r["branch"] for r in rows})
             out[form][mod]["k_max"] = max(r["k"] for r in rows)
     return out
 
 
-def markdown(res: Dict[str, Dict], rank: int, n: int) -> str:
+def markdown(res: Dict[str, Dict], rank: int, n: int, layers, params: Dict) -> str:
     lines = [
-        "| form | module | a_sum (1 = sum, 1/T = mean) | outside span(sum) | input-subspace "
-        "overlap | branch | k |",
-        "|---|---|---|---|---|---|---|",
+        "| form | module | a_sum (1 = sum, 1/T = mean) | norm W / norm sum | outside span(sum) "
+        "| input-subspace overlap | branch | k |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for form, mods in res.items():
         for mod, v in mods.items():
             lines.append(
-                f"| {form} | {mod} | {v['a_sum']:.3f} | {v['outside']:.3f} | {v['overlap']:.3f} "
+                f"| {form} | {mod} | {v['a_sum']:.3f} | {v['norm_ratio']:.2f} | {v['outside']:.3f} "
+                f"| {v['overlap']:.3f} "
                 f"| {', '.join(v['branches'])} | {v['k_max']} |"
             )
     lines.append("")
     lines.append(
-        f"Rank {rank}, {n} experts (1/T = {1 / n:.3f}); means over layers 0, 5, ..., 25; ACE with "
-        "its defaults on the task vectors of each storage form."
+        f"Rank {rank}, {n} experts (1/T = {1 / n:.3f}); means over layers "
+        f"{', '.join(map(str, layers))}; ACE with {params or 'its defaults'} on the task vectors "
+        "of each storage form."
     )
     return "\n".join(lines)
 
@@ -129,12 +134,16 @@ def markdown(res: Dict[str, Dict], rank: int, n: int) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--eps", type=float, default=None, help="a fixed ridge (default: auto)")
+    ap.add_argument("--layers", nargs="*", type=int, default=list(range(0, 30, 5)))
     args = ap.parse_args(argv)
-    res = diagnose(args.rank)
+    params = {} if args.eps is None else {"eps": args.eps}
+    res = diagnose(args.rank, args.layers, **params)
     n = len(LORA_SETS[f"lora-r{args.rank}-adapter"].domains)
-    md = markdown(res, args.rank, n)
-    (RESULTS / f"lora_diagnostics_r{args.rank}.json").write_text(json.dumps(res, indent=1))
-    (RESULTS / f"lora_diagnostics_r{args.rank}.md").write_text(md + "\n")
+    md = markdown(res, args.rank, n, args.layers, params)
+    stem = f"lora_diagnostics_r{args.rank}" + (f"_eps{args.eps:g}" if params else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{stem}.md").write_text(md + "\n")
     print(md)
 
 
