@@ -6,8 +6,8 @@ overlap.
 
 For a tensor with task vectors ``tau_t`` and ACE's merged update ``W`` (the kernel with its
 defaults, float32), it reports ``a_sum = <W, S> / <S, S>`` with ``S = sum_t tau_t`` (1: ACE
-adds the experts, as task arithmetic at lambda 1; 1/T: it averages them), ``|W| / |S|``, the share of ``W``
-outside ``span(S)`` along that line, ``1 - <W, S>^2 / (|W|^2 |S|^2)``, and the mean pairwise
+adds the experts, as task arithmetic at lambda 1; 1/T: it averages them), ``|W| / |S|``, the
+share of ``W`` outside the line of ``S``, ``1 - <W, S>^2 / (|W|^2 |S|^2)``, and the mean pairwise
 overlap of the experts' input (row) subspaces, ``||P_i P_j||_F^2 / r`` for the projections
 ``P`` onto each ``tau_t``'s top-``r`` right singular vectors (0: orthogonal, 1: the same).
 """
@@ -102,7 +102,8 @@ def diagnose(rank: int, layers=range(0, 30, 5), cache: Path = CACHE, **params) -
                     experts = [_tensor(d / FOLDED / "model.safetensors", name) for d in dirs]
                 rows.append(tensor_row(base, experts, rank, **params))
             out.setdefault(form, {})[mod] = {
-                k: sum(r[k] for r in rows) / len(rows) for k in ("a_sum", "norm_ratio", "outside", "overlap")
+                k: sum(r[k] for r in rows) / len(rows)
+                for k in ("a_sum", "norm_ratio", "outside", "overlap")
             }
             out[form][mod]["branches"] = sorted({r["branch"] for r in rows})
             out[form][mod]["k_max"] = max(r["k"] for r in rows)
