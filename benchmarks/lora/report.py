@@ -148,9 +148,13 @@ def chart(all_results: Dict[str, Dict], path: Path) -> Path:
         axes, ("avg", "worst_r"), ("average retention, all 6 experts", "worst domain")
     ):
         for j, n in enumerate(names):
-            ys = [100 * fulls[n][lb]["summary"][field] if lb in fulls[n] else 0 for lb in labels]
+            ys = [
+                100 * fulls[n][lb]["summary"][field] if lb in fulls[n] else float("nan")
+                for lb in labels
+            ]  # a method not merged in this form has no bar
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(labels))]
-            ax.bar(xs, [max(y, floor) for y in ys], width, color=cmap(j), label=_column(n))
+            ys = [y if y != y else max(y, floor) for y in ys]
+            ax.bar(xs, ys, width, color=cmap(j), label=_column(n))
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.axhline(100, color="black", lw=0.8, ls="--")
