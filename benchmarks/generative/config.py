@@ -5,9 +5,11 @@ list was: see ``corpora.DOMAINS``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.generative.corpora import DOMAINS
+from benchmarks.real_llama.methods import MethodSpec, method_specs
 from benchmarks.real_llama.model import TrainConfig
 
 # Every method with its defaults, plus ACE under the paper's settings: row labels and groups
@@ -48,6 +50,22 @@ class GenSet:
             max_text_tokens=self.seq,
             seed=seed,
         )
+
+    def expert_group(self) -> str:
+        """Cache folder of the experts (sets that share experts name the same one)."""
+        return f"gen-{self.name}"
+
+    def merge_key(self, spec) -> str:
+        """Identity of a merge row: a stored row whose key differs is merged again."""
+        return spec.key()
+
+    def method_specs(self, size: int) -> List[MethodSpec]:
+        """The merge configurations the grid's method labels name, for ``size`` experts."""
+        return method_specs(size)
+
+    def mergekit_args(self, merged_root: Path) -> List[str]:
+        """Extra ``mergekit-yaml`` options."""
+        return []
 
 
 # The second seed's all-experts merges: the swept methods and ACE with the paper's settings.

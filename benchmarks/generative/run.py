@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +37,8 @@ from benchmarks.real_llama.pipeline import expert_dir, merge_config, run_mergeki
 from benchmarks.real_llama.run import RESULTS, check_merged, cpu_name
 
 ALL = "all"
+# (base dir, domain, training config, expert dir) -> (merge reference, loader of the expert)
+ExpertSource = Callable[[Path, Domain, object, Path], Tuple[str, Callable]]
 
 
 def canonical_label(spec: MethodSpec, size: int) -> str:
@@ -44,11 +46,13 @@ def canonical_label(spec: MethodSpec, size: int) -> str:
     return spec.label.replace(f"lambda=1/{size}", "mean")
 
 
-def method_rows(methods: Sequence[str], size: int) -> List[Tuple[str, MethodSpec]]:
+def method_rows(
+    methods: Sequence[str], size: int, specs: Optional[List[MethodSpec]] = None
+) -> List[Tuple[str, MethodSpec]]:
     """The available specs named by ``methods``: an exact row label picks that row alone (so
-    ``ace`` is the defaults only), anything else is a group of
-    :func:`benchmarks.real_llama.methods.method_specs`."""
-    specs = method_specs(size)
+    ``ace`` is the defaults only), anything else is a group of ``specs`` (default
+    :func:`benchmarks.real_llama.methods.method_specs`)."""
+    specs = method_specs(size) if specs is None else specs
     labels = {canonical_label(s, size) for s in specs}
     picked: List[MethodSpec] = []
     for key in methods:
@@ -152,11 +156,18 @@ def run(
     phases: Optional[Sequence[str]] = None,
     seeds: Optional[Sequence[int]] = None,
     sizes: Optional[Sequence[int]] = None,
+    source: Optional[ExpertSource] = None,
+    redo: Optional[Callable[[MethodSpec], bool]] = None,
+    only: Optional[Sequence[str]] = None,
     log=print,
 ) -> Dict:
     """Run (or resume) the grid of ``gs`` (only ``phases`` -- experts, full, sweep --, training
     ``seeds`` and sweep ``sizes`` when given); returns the results dict (saved as JSON).
-    Processes running different parts at once share the JSON file safely."""
+    Processes running different parts at once share the JSON file safely.
+
+    ``source`` makes the experts (default :func:`full_fine_tune`); a merge row is redone when
+    ``gs.merge_key(spec)`` changed or ``redo(spec)`` is true; ``only``: run only these methods
+    (row labels) of the grid."""
     t_start = time.perf_counter()
     results_path = results_path or RESULTS / f"{gs.name}.json"
     base_dir = base_dir or prepare_base(cache / "base")
@@ -209,11 +220,12 @@ def run(
         experts[seed] = {}
         cfg = gs.train_config(seed)
         for d in domains:
-            out = expert_dir(cache, f"gen-{gs.name}", d, cfg, gs.heldout, gs.data_seed)
+            out = expert_dir(cache, gs.expert_group(), d, cfg, gs.heldout, gs.data_seed)
             label = f"seed {seed} | expert {d.name}"
             if not (out / "expert.json").exists():
                 log(f"training {label} ({cfg.steps} steps)")
-            experts[seed][d.name] = train_expert(base_dir, d, cfg, out, fit=lm_fine_tune)
+            ref, load = (source or full_fine_tune)(base_dir, d, cfg, out)
+            experts[seed][d.name] = ref
             if label not in rows:
                 t0 = time.perf_counter()
                 meta = json.loads((out / "expert.json").read_text())
@@ -224,7 +236,7 @@ def run(
                     "domain": d.name,
                     "train_seconds": round(meta["seconds"], 1),
                     "train_losses": [round(x, 4) for x in meta["losses"]],
-                    "scores": score_domains(load_model(out), tok, on, gs.seq),
+                    "scores": score_domains(load(), tok, on, gs.seq),
                 }
                 rows[label]["eval_seconds"] = round(time.perf_counter() - t0, 1)
                 save(label)
@@ -251,16 +263,20 @@ def run(
                 for m in gs.sweep_methods
             ]
         for subset, method in jobs:
-            for label, spec in method_rows([method], len(subset)):
+            if only is not None and method not in only:
+                continue
+            for label, spec in method_rows([method], len(subset), gs.method_specs(len(subset))):
                 key = row_key(seed, subset, label, names)
                 old = rows.get(key)
-                if old and old.get("key") == spec.key() and "error" not in old:
+                fresh = old and old.get("key") == gs.merge_key(spec) and "error" not in old
+                if fresh and not (redo and redo(spec)):
                     continue
                 _merge_and_score(
                     rows,
                     key,
                     label,
                     spec,
+                    gs,
                     seed,
                     subset,
                     base_dir,
@@ -285,6 +301,7 @@ def _merge_and_score(
     key,
     label,
     spec,
+    gs,
     seed,
     subset,
     base_dir,
@@ -308,7 +325,7 @@ def _merge_and_score(
         "subset": list(subset),
         "label": label,
         "method": spec.method,
-        "key": spec.key(),
+        "key": gs.merge_key(spec),
         "parameters": spec.parameters,
         "model_parameters": spec.model_parameters,
     }
@@ -319,6 +336,7 @@ def _merge_and_score(
                 out_dir,
                 seed=0 if spec.seeded else None,
                 log=out_dir.parent / (out_dir.name + ".log"),
+                extra_args=gs.mergekit_args(merged_root),
             ),
             1,
         )
@@ -334,6 +352,13 @@ def _merge_and_score(
     del model
     shutil.rmtree(out_dir, ignore_errors=True)
     rows[key] = row
+
+
+def full_fine_tune(base_dir: Path, domain: Domain, cfg, out_dir: Path) -> Tuple[str, Callable]:
+    """The generative experts: continued training of every weight, saved in float32; returns
+    the merge reference (the checkpoint directory) and a loader of the expert for scoring."""
+    out = train_expert(base_dir, domain, cfg, out_dir, fit=lm_fine_tune)
+    return str(out), lambda: load_model(out)
 
 
 def quick_set() -> GenSet:

@@ -92,9 +92,14 @@ def merge_config(
 
 
 def run_mergekit(
-    config: dict, out_dir: Path, seed: Optional[int] = None, log: Optional[Path] = None
+    config: dict,
+    out_dir: Path,
+    seed: Optional[int] = None,
+    log: Optional[Path] = None,
+    extra_args: Sequence[str] = (),
 ) -> float:
-    """Run the real ``mergekit-yaml`` CLI on ``config``; returns wall seconds."""
+    """Run the real ``mergekit-yaml`` CLI on ``config`` (with ``extra_args``); returns wall
+    seconds."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -105,6 +110,7 @@ def run_mergekit(
     cmd = [exe, str(cfg_path), str(out_dir), "--copy-tokenizer", "--quiet"]
     if seed is not None:
         cmd += ["--random-seed", str(seed)]
+    cmd += list(extra_args)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     seconds = time.perf_counter() - t0
