@@ -4,6 +4,8 @@ float32 can change the merged update by more than 1 % (a fixed ``eps`` too small
 experts' scale)."""
 
 import logging
+import math
+import re
 
 import pytest
 import torch
@@ -316,3 +318,114 @@ def test_mergekit_yaml_is_silent_where_only_the_bound_passes_one_percent(tiny_fa
     for key, tensor in base.items():
         expected, _ = ace_merge(tensor, [e[key] for e in experts], **params)
         assert torch.equal(merged[key], expected), key
+
+
+def test_isotropic_projector_reports_the_gap_at_the_cut():
+    """``cut_gap = (s_k - s_{k+1}) / ||F||_F`` read off a Gram of known spectrum; ``None``
+    when every direction is boosted; ``P``, ``sigma`` and ``boost_ratio`` as before."""
+    from mergekit_ace.kernels.linalg import isotropic_projector
+
+    s = torch.tensor([4.0, 3.0, 2.5, 2.0, 1.0], dtype=torch.float64)
+    G = _spd((s**2).tolist())
+    top = isotropic_projector(G, 3)
+    assert top.k == 3 and top.sigma == pytest.approx(9.5 / 3)
+    assert top.boost_ratio == pytest.approx(4.0 / 2.5)
+    assert top.cut_gap == pytest.approx(0.5 / float(s.square().sum().sqrt()))
+    assert isotropic_projector(G, 5).cut_gap is None
+
+
+def test_tie_change_by_hand():
+    """The first-order turn ``theta = roundoff / (sqrt(2 m n) cut_gap)`` moves the boosted
+    part by ``sqrt(2) sin(theta) sigma_iso``; an exact tie is a swap; no gap, no change."""
+    from mergekit_ace.kernels.ace.refine import tie_change
+
+    theta = 1e-6 / (math.sqrt(2 * 64 * 32) * 1e-5)
+    expected = math.sqrt(2) * math.sin(theta) * 3.0 / 50.0
+    assert tie_change(1e-6, 1e-5, (64, 32), 3.0, 50.0) == pytest.approx(expected)
+    assert tie_change(1e-6, 0.0, (64, 32), 3.0, 50.0) == pytest.approx(math.sqrt(2) * 3.0 / 50)
+    assert tie_change(1e-6, None, (64, 32), 3.0, 50.0) == 0.0
+
+
+def _tied_experts(a=32, seed=0):
+    """Two experts on the two diagonal blocks of a block-diagonal base, with the same task
+    vector (columns summing to zero, so that centering keeps the blocks apart): without the
+    prior, which couples the blocks, ``F`` is ``diag(G, G)`` and every singular value comes
+    twice; an odd ``k`` cuts a pair in two."""
+    g = torch.Generator().manual_seed(seed)
+    B = 0.02 * torch.randn(a, a, generator=g, dtype=torch.float64)
+    A = 0.002 * torch.randn(a, a, generator=g, dtype=torch.float64)
+    A -= A.mean(dim=0)
+    Z = torch.zeros(a, a, dtype=torch.float64)
+    base = torch.block_diag(B, B)
+    return base, [base + torch.block_diag(A, Z), base + torch.block_diag(Z, A)]
+
+
+def test_a_tie_at_the_kth_direction_is_real_and_warned(caplog):
+    """Where ``s_k`` and ``s_{k+1}`` tie, which of the two directions is boosted is decided by
+    anything of the size of round-off: in float64, scaling either expert's task vector by
+    ``1 + 1e-6`` moves the merged update by more than 10 %. The float32 merge says so (the
+    estimate within 2x of that move) and names the remedy; a ``k_frac`` that cuts between two
+    pairs is silent."""
+    base, (a, b) = _tied_experts()
+    tied = {"gate": "on", "prior": False, "k_frac": 0.3}  # k = 19 of 64
+
+    def nudged(expert):
+        return base + (expert - base) * (1 + 1e-6)
+
+    out_a, diag = ace_merge(base, [nudged(a), b], **tied)
+    out_b, _ = ace_merge(base, [a, nudged(b)], **tied)
+    moved = float((out_a - out_b).norm() / (out_a - base).norm())
+    assert diag.branch == "heterogeneous" and diag.k == 19 and diag.cut_gap < 1e-6
+    assert moved > 0.1
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        ace_merge(base.float(), [a.float(), b.float()], tensor_name="t", **tied)
+    message = caplog.records[-1].getMessage()
+    assert "singular values 19 and 20 of what it refines differ by only" in message
+    estimate = float(re.search(r"by up to about ([\d.]+)% of its size", message).group(1)) / 100
+    assert moved / 2 < estimate < 2 * moved
+    assert "a slightly different `k_frac` (the tie is at direction 19 of 64)" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergekit_ace"):
+        _, apart = ace_merge(base.float(), [a.float(), b.float()], **{**tied, "k_frac": 0.3125})
+    assert apart.k == 20 and apart.cut_gap > 1e-3 and not caplog.records
+
+
+def test_real_experts_script_on_tiny_folders(tmp_path):
+    """benchmarks/roundoff_real.py on folders laid out like the benchmark cache's: the tied
+    tensor is warned about with a cut that splits a pair and not with one between pairs, and
+    the summary counts what the rows say."""
+    from safetensors.torch import save_file
+
+    from benchmarks.roundoff_real import Warnings, matrices, one_tensor, parse_setting, summary
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base, experts = _tied_experts()
+    (tmp_path / "base").mkdir()
+    save_file(
+        {name: base.float(), "model.norm.weight": torch.ones(64)},
+        str(tmp_path / "base" / "model.safetensors"),
+    )
+    paths = []
+    for i, expert in enumerate(experts):
+        (tmp_path / f"e{i}").mkdir()
+        paths.append(tmp_path / f"e{i}" / "model.safetensors")
+        save_file({name: expert.float(), "model.norm.weight": torch.ones(64)}, str(paths[-1]))
+    assert matrices(tmp_path / "base" / "model.safetensors") == [name]
+    caught = Warnings()
+    logger = logging.getLogger("mergekit_ace")
+    logger.addHandler(caught)
+    try:
+        rows = [
+            one_tensor(
+                tmp_path / "base" / "model.safetensors", paths, name, parse_setting(text), caught
+            )
+            for text in ("gate=on,prior=False,k_frac=0.3", "gate=on,prior=False,k_frac=0.3125")
+        ]
+    finally:
+        logger.removeHandler(caught)
+    assert parse_setting("gate=on,k_frac=0.3") == {"gate": "on", "k_frac": 0.3}
+    assert rows[0]["k"] == 19 and "singular values 19 and 20" in rows[0]["warned"][0]
+    assert rows[1]["k"] == 20 and not rows[1]["warned"]
+    counts = summary(rows)
+    assert counts["tensors"] == 2 and counts["warned"] == [name]
+    assert counts["real_max"] == max(r["real"] for r in rows)

@@ -100,6 +100,9 @@ def test_numbers_match_kernel_and_independent_gamma(inspected, tiny_family):
         assert row["boost_ratio"] == (
             None if diag.boost_ratio is None else pytest.approx(diag.boost_ratio, rel=1e-3)
         )
+        assert row["cut_gap"] == (
+            None if diag.cut_gap is None else pytest.approx(diag.cut_gap, rel=1e-2, abs=1e-9)
+        )
         for key in ("concentration_pre", "concentration_post"):
             assert row[key] == pytest.approx(getattr(diag, key), rel=1e-4, abs=1e-6)
         if diag.sigma_iso is None:

@@ -37,6 +37,7 @@ CSV_FIELDS = [
     "rcond",
     "condition",
     "boost_ratio",
+    "cut_gap",
     "ridge",
     "concentration_pre",
     "concentration_post",

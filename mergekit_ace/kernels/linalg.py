@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -304,16 +304,29 @@ def short_side_gram(F: torch.Tensor, *, block_bytes: int = 256 * 2**20) -> torch
     return G
 
 
+class IsotropicProjector(NamedTuple):
+    """:func:`isotropic_projector`'s result: ``P`` (``None`` when no direction lies above the
+    floor), ``sigma = mean(s[:k])``, ``boost_ratio = s_1 / s_k``, ``k``, and ``cut_gap =
+    (s_k - s_{k+1}) / ||F||_F`` (``None`` when every direction is boosted): how near the last
+    boosted direction is to a tie with the first one left alone."""
+
+    P: Optional[torch.Tensor]
+    sigma: float
+    boost_ratio: float
+    k: int
+    cut_gap: Optional[float] = None
+
+
 def isotropic_projector(
     G: torch.Tensor, k: int, floor: float = 0.0
-) -> Optional[Tuple[Optional[torch.Tensor], float, float, int]]:
-    """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`),
-    ``(P, mean(s[:k']), s_1 / s_k', k')`` with ``P = V_k' diag(1/s_k') V_k'^T`` (``[r, r]``,
-    float64) for the top ``k'`` singular triplets of ``F``, so that ``U_k' V_k'^T = F P``
-    (``F`` tall) or ``P F`` (wide) without the SVD; ``k'`` is ``k`` less the directions whose
-    singular value is at or below ``floor`` (``(None, 0.0, 1.0, 0)`` when none is above it).
-    ``s_1 / s_k'`` is by how much boosting the ``k'``-th direction multiplies the relative
-    round-off ``F`` carries.
+) -> Optional[IsotropicProjector]:
+    """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`), the projector
+    ``P = V_k' diag(1/s_k') V_k'^T`` (``[r, r]``, float64) for the top ``k'`` singular triplets
+    of ``F``, so that ``U_k' V_k'^T = F P`` (``F`` tall) or ``P F`` (wide) without the SVD;
+    ``k'`` is ``k`` less the directions whose singular value is at or below ``floor``
+    (``P=None, k=0`` when none is above it). ``s_1 / s_k'`` is by how much boosting the
+    ``k'``-th direction multiplies the relative round-off ``F`` carries
+    (:class:`IsotropicProjector`).
 
     The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
     a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.
@@ -321,18 +334,21 @@ def isotropic_projector(
     :data:`~mergekit_ace.kernels.cutoffs.GRAM_EIGH_MIN_RATIO` times ``s_1``.
     """
     eigenvalues, vecs = torch.linalg.eigh(G)
-    top = eigenvalues[-k:].flip(0).clamp_min(0.0) if k else eigenvalues[:0]
-    s = top.sqrt()
+    s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
     if k and floor > 0.0:
-        k = int((s > floor).sum())
+        k = int((s[:k] > floor).sum())
         if k == 0:
-            return None, 0.0, 1.0, 0
-        s = s[:k]
-    if k == 0 or not float(s[-1]) >= GRAM_EIGH_MIN_RATIO * float(s[0]) or not float(s[0]) > 0:
+            return IsotropicProjector(None, 0.0, 1.0, 0)
+    if k == 0 or not float(s[k - 1]) >= GRAM_EIGH_MIN_RATIO * float(s[0]) or not float(s[0]) > 0:
         return None
     V = vecs[:, -k:].flip(1)
     del vecs
-    return (V / s) @ V.transpose(0, 1), float(s.mean()), float(s[0] / s[-1]), k
+    top = s[:k]
+    frobenius = float(s.square().sum().sqrt())
+    cut_gap = float(s[k - 1] - s[k]) / frobenius if k < s.numel() else None
+    return IsotropicProjector(
+        (V / top) @ V.transpose(0, 1), float(top.mean()), float(s[0] / s[k - 1]), k, cut_gap
+    )
 
 
 def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tensor, float]]:
@@ -341,8 +357,7 @@ def top_k_isotropic_update(F: torch.Tensor, k: int) -> Optional[Tuple[torch.Tens
     top = isotropic_projector(short_side_gram(F), k)
     if top is None:
         return None
-    P, sigma, _, _ = top
-    P = P.to(F.dtype)
+    P, sigma = top.P.to(F.dtype), top.sigma
     return (F @ P if F.shape[0] >= F.shape[1] else P @ F), sigma
 
 

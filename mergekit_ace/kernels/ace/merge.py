@@ -60,7 +60,8 @@ class AceDiagnostics(MergeDiagnostics):
     kernels.linalg.SolveInfo`). ``boost_ratio``: ``s_1 / s_k`` over the directions the
     refinement boosted, the factor by which it multiplies the solve's relative round-off;
     ``noise_floor`` the singular value of ``F`` at or below which it boosted nothing
-    (``None`` with ``noise_floor: false`` or no refinement). ``roundoff_change``: where
+    (``None`` with ``noise_floor: false`` or no refinement); ``cut_gap``: ``(s_k - s_{k+1}) /
+    ||F||_F`` at the last boosted direction (small at a near tie). ``roundoff_change``: where
     ``condition * u * boost_ratio`` exceeds ``ACCURACY_WARN``, the measured relative change
     round-off makes to the merged update (:mod:`.roundoff`).
     ``ridge``: the mean ridge ``sum w eps_t / sum w``. ``device``: ``"cpu (fallback)"`` when a
@@ -80,6 +81,7 @@ class AceDiagnostics(MergeDiagnostics):
     condition: Optional[float] = None
     boost_ratio: Optional[float] = None
     noise_floor: Optional[float] = None
+    cut_gap: Optional[float] = None
     roundoff_change: Optional[float] = None
     spectral: Optional[str] = None
     device: Optional[str] = None
@@ -197,7 +199,12 @@ def merge_matrix(
     if W is None:
         return base.to(settings.out_dtype), diag
     again = partial(roundoff_change, merged_update, base, experts, settings, weights, names, W)
-    report_conditioning(diag, settings.dtype, settings.eps, measure=again)
+    norm = (
+        float(torch.linalg.vector_norm(W, dtype=torch.float64))
+        if diag.cut_gap is not None
+        else None
+    )
+    report_conditioning(diag, settings.dtype, settings.eps, measure=again, update_norm=norm)
     lam, out_dtype = settings.lam, settings.out_dtype
     out = finish_rows(base, W, lam, out_dtype, names.tensor, plan.blocks, EPS_REMEDY)  # step 7
     return out, diag
@@ -309,7 +316,7 @@ def _record(
     if refinement is not None:
         diag.sigma_iso, diag.spectral = refinement.sigma_iso, refinement.spectral
         diag.k, diag.boost_ratio = refinement.k, refinement.boost_ratio
-        diag.noise_floor = refinement.floor
+        diag.noise_floor, diag.cut_gap = refinement.floor, refinement.cut_gap
     if spectra is not None:
         diag.singular_values_pre, diag.singular_values_post = spectra.pre, spectra.post
         diag.concentration_pre = spectra.concentration_pre

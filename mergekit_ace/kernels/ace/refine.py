@@ -30,6 +30,7 @@ from mergekit_ace.kernels.linalg import (
     SolveInfo,
     add_symmetric_,
     addmm_,
+    IsotropicProjector,
     isotropic_projector,
     short_side_gram,
     top_singular_triplets,
@@ -43,13 +44,60 @@ class Refinement:
     ``"svd"``); ``k``, how many were boosted (fewer than planned when ``F`` has lower
     numerical rank or fewer lie above the noise floor); ``boost_ratio = s_1 / s_k`` over them
     (``None`` when none were), the factor by which boosting the weakest multiplies the relative
-    round-off ``F`` carries; ``floor``: the noise floor in force (:class:`NoiseFloor`)."""
+    round-off ``F`` carries; ``floor``: the noise floor in force (:class:`NoiseFloor`);
+    ``cut_gap = (s_k - s_{k+1}) / ||F||_F`` (``None`` where it is not known: every direction
+    boosted, or the SVD path); ``amplification``: by how much step 6 can multiply the relative
+    round-off of ``F`` in the merged update (:func:`roundoff_amplification`)."""
 
     sigma_iso: Optional[float]
     spectral: str
     k: int
     boost_ratio: Optional[float]
     floor: Optional[float] = None
+    cut_gap: Optional[float] = None
+    amplification: float = 1.0
+
+
+def tie_amplification(cut_gap: Optional[float], k: int, shape: Tuple[int, int]) -> float:
+    """By how much a near tie of ``s_k`` and ``s_{k+1}`` can multiply the relative round-off of
+    ``F`` in the merged update while the turn it causes is small (:func:`tie_change` with
+    ``||W||_F`` at its least, ``sigma_iso sqrt(k)``): ``1 / (sqrt(k m n) cut_gap)``."""
+    if cut_gap is None or not k:
+        return 1.0
+    m, n = shape
+    return 1.0 / (math.sqrt(k * m * n) * cut_gap) if cut_gap > 0 else math.inf
+
+
+def tie_change(
+    roundoff: float,
+    cut_gap: Optional[float],
+    shape: Tuple[int, int],
+    sigma_iso: Optional[float],
+    update_norm: Optional[float],
+) -> float:
+    """The relative change of the merged update ``W`` (of norm ``update_norm``) that round-off
+    of relative size ``roundoff`` in ``F`` makes through a near tie of the last boosted
+    direction and the next, ``cut_gap = (s_k - s_{k+1}) / ||F||_F``; 0 where nothing was left
+    out of the boost. A typical size to first order, not a bound: round-off spread over the
+    entries of ``F`` couples the two directions by about ``roundoff ||F||_F / sqrt(m n)``
+    each way, which turns the boosted pair of singular vectors by ``theta = roundoff /
+    (sqrt(2 m n) cut_gap)`` (at most a quarter turn, a swap); that moves ``sigma_iso U_k
+    V_k^T`` by ``sqrt(2) sin(theta) sigma_iso`` (docs/method.md, "Round-off: bound and
+    measurement", has it against the real change)."""
+    if cut_gap is None or not sigma_iso or not update_norm:
+        return 0.0
+    m, n = shape
+    theta = roundoff / (math.sqrt(2.0 * m * n) * cut_gap) if cut_gap > 0 else math.inf
+    return math.sqrt(2.0) * math.sin(min(theta, math.pi / 2)) * sigma_iso / update_norm
+
+
+def roundoff_amplification(
+    boost_ratio: Optional[float], cut_gap: Optional[float], k: int, shape: Tuple[int, int]
+) -> float:
+    """By how much step 6 can multiply the relative round-off of ``F`` in the merged update:
+    ``boost_ratio`` (boosting ``s_k`` to ``sigma_iso`` scales its error by ``sigma_iso / s_k
+    <= s_1 / s_k``), or a near tie at the ``k``-th direction (:func:`tie_amplification`)."""
+    return max(1.0, boost_ratio or 1.0, tie_amplification(cut_gap, k, shape))
 
 
 @dataclass(frozen=True)
@@ -158,7 +206,7 @@ def _refine_held(
 ) -> Tuple[torch.Tensor, SolveInfo, Refinement]:
     """The refinement of a preliminary solution ``W`` whose ``F`` is held whole."""
     refinement = isotropic_update_(W, F, plan, floor)
-    solver.check_condition(refinement.boost_ratio or 1.0)
+    solver.check_condition(refinement.amplification)
     return W, solver.info, refinement
 
 
@@ -188,18 +236,18 @@ def _refine_streaming(
         for start, stop in plan.blocks:
             N[start:stop], F[start:stop] = f_rows(start, stop)
         return _refine_held(N, F, plan, solver, floor)
-    P, sigma, boost_ratio, k = top
-    if P is None:  # nothing above the noise floor: W = W_pre
+    if top.P is None:  # nothing above the noise floor: W = W_pre
         for start, stop in plan.blocks:
             N[start:stop] = solver.solve(N[start:stop])
         return N, solver.info, Refinement(None, "gram-eigh", 0, None, cut or None)
-    solver.check_condition(boost_ratio)
-    P = P.to(N.dtype)
+    refinement = _refinement(top, cut, (plan.m, plan.n))
+    solver.check_condition(refinement.amplification)
+    P = top.P.to(N.dtype)
     for start, stop in plan.blocks:
         W_rows, F_rows = f_rows(start, stop)
-        N[start:stop] = addmm_(W_rows, F_rows, P, alpha=sigma, precision=plan.matmul)
+        N[start:stop] = addmm_(W_rows, F_rows, P, alpha=top.sigma, precision=plan.matmul)
         del W_rows, F_rows
-    return N, solver.info, Refinement(sigma, "gram-eigh", k, boost_ratio, cut or None)
+    return N, solver.info, refinement
 
 
 def isotropic_update_(
@@ -225,14 +273,21 @@ def isotropic_update_(
             return Refinement(None, "svd", 0, None, cut or None)
         sigma = float(s.mean())
         W.addmm_(U, Vh, alpha=sigma)
-        return Refinement(sigma, "svd", int(s.numel()), float(s[0] / s[-1]), cut or None)
-    P, sigma, boost_ratio, k = top
-    if P is None:
+        boost_ratio = float(s[0] / s[-1])
+        return Refinement(sigma, "svd", int(s.numel()), boost_ratio, cut or None, None, boost_ratio)
+    if top.P is None:
         return Refinement(None, "gram-eigh", 0, None, cut or None)
-    P = P.to(W.dtype)
+    P = top.P.to(W.dtype)
     if plan.m >= plan.n:
         for start, stop in plan.blocks:
-            addmm_(W[start:stop], F[start:stop], P, alpha=sigma, precision=plan.matmul)
+            addmm_(W[start:stop], F[start:stop], P, alpha=top.sigma, precision=plan.matmul)
     else:
-        addmm_(W, P, F, alpha=sigma, precision=plan.matmul)
-    return Refinement(sigma, "gram-eigh", k, boost_ratio, cut or None)
+        addmm_(W, P, F, alpha=top.sigma, precision=plan.matmul)
+    return _refinement(top, cut, (plan.m, plan.n))
+
+
+def _refinement(top: IsotropicProjector, cut: float, shape: Tuple[int, int]) -> Refinement:
+    amplification = roundoff_amplification(top.boost_ratio, top.cut_gap, top.k, shape)
+    return Refinement(
+        top.sigma, "gram-eigh", top.k, top.boost_ratio, cut or None, top.cut_gap, amplification
+    )

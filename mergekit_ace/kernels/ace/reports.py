@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from mergekit_ace.kernels.ace.parameters import AUTO_CONDITION_BOUND
+from mergekit_ace.kernels.ace.refine import tie_change
 from mergekit_ace.kernels.linalg import ACCURACY_WARN, unit_roundoff
 from mergekit_ace.kernels.reports import OncePerKey
 
@@ -22,7 +23,9 @@ logger = logging.getLogger(__name__)
 accuracy_reports = OncePerKey(" Further tensors with this eps are reported at debug level.")
 
 
-def report_conditioning(diag, dtype: torch.dtype, eps, measure=None) -> None:
+def report_conditioning(
+    diag, dtype: torch.dtype, eps, measure=None, update_norm: Optional[float] = None
+) -> None:
     """Warn when ``dtype``'s round-off can change the merged update by more than
     ``ACCURACY_WARN`` (once per ``eps`` and dtype, :data:`accuracy_reports`; later tensors at
     debug level).
@@ -32,19 +35,23 @@ def report_conditioning(diag, dtype: torch.dtype, eps, measure=None) -> None:
     by Cholesky, ``measure(diag)`` (:func:`~mergekit_ace.kernels.ace.roundoff.roundoff_change`)
     gives the measured change, stored as ``diag.roundoff_change``; the warning then fires
     only when that exceeds ``ACCURACY_WARN`` too. A singular or indefinite system always
-    warns."""
+    warns. A near tie of the ``k``-th and ``(k+1)``-th singular values of ``F`` warns on its
+    estimate (:func:`~mergekit_ace.kernels.ace.refine.tie_change`, ``update_norm`` the merged
+    update's norm): which of the two is boosted is a toss-up that a second computation
+    samples only once."""
     if diag.condition is None:
         return
     u = unit_roundoff(dtype)
     amplification = max(1.0, diag.boost_ratio or 1.0)
     loss = diag.condition * u * amplification
-    if not loss > ACCURACY_WARN:
+    tie = tie_change(diag.condition * u, diag.cut_gap, diag.shape, diag.sigma_iso, update_norm)
+    if not (loss > ACCURACY_WARN or tie > ACCURACY_WARN):
         return
-    if measure is not None and diag.solver == "cholesky":
+    if loss > ACCURACY_WARN and measure is not None and diag.solver == "cholesky":
         diag.roundoff_change = measure(diag)
     measured = diag.roundoff_change
     name = repr(diag.tensor) if diag.tensor else "(unnamed)"
-    if measured is not None and not measured > ACCURACY_WARN:
+    if not tie > ACCURACY_WARN and measured is not None and not measured > ACCURACY_WARN:
         logger.debug(
             "ACE: tensor %s: the round-off bound allows %.2g of the merged update, a second "
             "computation in another summation order differs by %.2g; no warning.",
@@ -54,7 +61,7 @@ def report_conditioning(diag, dtype: torch.dtype, eps, measure=None) -> None:
         )
         return
     precision = str(dtype).replace("torch.", "")
-    what, remedy = _cause_and_remedy(diag, precision, loss, amplification, u)
+    what, remedy = _cause_and_remedy(diag, precision, loss, amplification, u, tie)
     rows, cols = diag.shape
     message = (
         f"ACE: tensor {name} ([{rows}, {cols}], {len(diag.participants)} experts, "
@@ -64,7 +71,9 @@ def report_conditioning(diag, dtype: torch.dtype, eps, measure=None) -> None:
     accuracy_reports.log((str(eps), dtype), message)
 
 
-def _cause_and_remedy(diag, precision: str, loss: float, amplification: float, u: float):
+def _cause_and_remedy(
+    diag, precision: str, loss: float, amplification: float, u: float, tie: float
+):
     """What makes round-off large for this tensor, and what to change."""
     raise_eps = (
         f"use `eps: auto` (the default, which bounds the condition number by "
@@ -77,6 +86,13 @@ def _cause_and_remedy(diag, precision: str, loss: float, amplification: float, u
             "round-off can change the merged update by more than its own size"
         )
         return what, raise_eps
+    if tie > ACCURACY_WARN:
+        return _tie(diag, precision, tie), (
+            raise_eps
+            if diag.condition * u > ACCURACY_WARN
+            else f"a slightly different `k_frac` (the tie is at direction {diag.k} of "
+            f"{min(diag.shape)})"
+        )
     what = f"its system's condition number is about {diag.condition:.1e}"
     if amplification > 1:
         what += (
@@ -85,6 +101,15 @@ def _cause_and_remedy(diag, precision: str, loss: float, amplification: float, u
         )
     what += f", so {precision} round-off {_change(diag.roundoff_change, loss)}"
     return what, (raise_eps if diag.condition * u > ACCURACY_WARN else "lower `k_frac`")
+
+
+def _tie(diag, precision: str, tie: float) -> str:
+    return (
+        f"the spectral refinement boosts the top {diag.k} directions, and singular values "
+        f"{diag.k} and {diag.k + 1} of what it refines differ by only {diag.cut_gap:.1e} of its "
+        f"norm, so {precision} round-off can decide which of the two directions is boosted and "
+        f"change the merged update by up to about {tie:.1%} of its size (estimated)"
+    )
 
 
 def _change(measured: Optional[float], bound: float) -> str:
