@@ -295,3 +295,56 @@ def test_real_experts_script_on_tiny_folders(tmp_path):
     save_file({name: base.float()}, str(float32 / "model.safetensors"))
     full = full_rows(sorted((tmp_path / "full").iterdir()), float32, [name])
     assert all(r["same"] == r["count"] == 1 and r["worst"] == 0.0 for r in full)
+
+
+@pytest.mark.parametrize("fmt", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_bound_from_the_largest_entry_lies_above_the_estimate(fmt):
+    """``ulp(x) <= 2^(1 - p) max |x|`` entry by entry, so the bound covers the estimate, an
+    outlier channel included; nothing stored, nothing to bound."""
+    from mergekit_ace.kernels.storage_noise import rounding_floor_bound
+
+    g = torch.Generator().manual_seed(6)
+    W = 0.02 * torch.randn(96, 64, generator=g)
+    W[:, :2] *= 16.0
+    stored = W.to(fmt).float()
+    exact = rounding_noise(stored).floor()
+    assert exact < rounding_floor_bound(stored) < 40 * exact
+    assert rounding_floor_bound(stored, step=7) == rounding_floor_bound(stored)
+    assert rounding_floor_bound(torch.zeros(8, 8)) == 0.0
+
+
+def test_storage_precision_reads_past_its_first_rows():
+    """The first rows can only refute a format: a tensor that fits bfloat16 in them and not
+    below is float32."""
+    from mergekit_ace.kernels.storage_noise import SAMPLE_ENTRIES, storage_precision
+
+    rows = 2 * SAMPLE_ENTRIES // 64
+    g = torch.Generator().manual_seed(8)
+    W = (0.02 * torch.randn(rows, 64, generator=g)).bfloat16().float()
+    assert storage_precision(W) == torch.bfloat16
+    W[-1, -1] += 1e-7
+    assert storage_precision(W) == torch.float32 == storage_precision(W, step=5)
+
+
+def test_a_merge_estimates_the_floor_entry_by_entry_only_where_the_bound_decides(monkeypatch):
+    """float32 full fine-tunes: the bound lies below every boosted direction, no expert is
+    read entry by entry and the merge equals the one from the estimate (``spectra=True``,
+    inspect's way, computes it); bf16 LoRA experts: the bound reaches the boosted directions
+    and the estimate decides, as its reference says (tests above)."""
+    import mergekit_ace.kernels.ace.merge as merge
+
+    calls = []
+    monkeypatch.setattr(
+        merge, "rounding_noise", lambda *a, **k: calls.append(1) or rounding_noise(*a, **k)
+    )
+    base, experts = well_conditioned_experts((48, 40), 3, scale=0.01)
+    experts = [base + (e - base) * s for e, s in zip(experts, (1.0, 3.0, 0.5))]
+    out, diag = KERNELS["ace"](base, experts, gate="on")
+    assert not calls and diag.k == math.floor(0.3 * 40)
+    inspected, exact = KERNELS["ace"](base, experts, gate="on", spectra=True)
+    assert len(calls) == 3 and torch.equal(out, inspected)
+    assert exact.noise_floor < diag.noise_floor < diag.sigma_iso
+    lora_base, lora_experts, _ = _bf16_lora()
+    calls.clear()
+    KERNELS["ace"](lora_base, lora_experts, gate="on")
+    assert len(calls) == 3

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -315,16 +315,19 @@ class IsotropicProjector(NamedTuple):
     boost_ratio: float
     k: int
     cut_gap: Optional[float] = None
+    floor: float = 0.0
 
 
 def isotropic_projector(
-    G: torch.Tensor, k: int, floor: float = 0.0
+    G: torch.Tensor, k: int, floor: Union[float, Callable[[float], float]] = 0.0
 ) -> Optional[IsotropicProjector]:
     """From the short-side Gram ``G`` of ``F`` (:func:`short_side_gram`), the projector
     ``P = V_k' diag(1/s_k') V_k'^T`` (``[r, r]``, float64) for the top ``k'`` singular triplets
     of ``F``, so that ``U_k' V_k'^T = F P`` (``F`` tall) or ``P F`` (wide) without the SVD;
     ``k'`` is ``k`` less the directions whose singular value is at or below ``floor``
-    (``P=None, k=0`` when none is above it). ``s_1 / s_k'`` is by how much boosting the
+    (``P=None, k=0`` when none is above it); a callable ``floor`` is given ``s_k`` and returns
+    the floor (:class:`IsotropicProjector` records the floor applied). ``s_1 / s_k'`` is by how
+    much boosting the
     ``k'``-th direction multiplies the relative round-off ``F`` carries
     (:class:`IsotropicProjector`).
 
@@ -335,10 +338,12 @@ def isotropic_projector(
     """
     eigenvalues, vecs = torch.linalg.eigh(G)
     s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
+    if callable(floor):
+        floor = floor(float(s[k - 1])) if k else 0.0
     if k and floor > 0.0:
         k = int((s[:k] > floor).sum())
         if k == 0:
-            return IsotropicProjector(None, 0.0, 1.0, 0)
+            return IsotropicProjector(None, 0.0, 1.0, 0, floor=floor)
     if k == 0 or not float(s[k - 1]) >= GRAM_EIGH_MIN_RATIO * float(s[0]) or not float(s[0]) > 0:
         return None
     V = vecs[:, -k:].flip(1)
@@ -347,7 +352,12 @@ def isotropic_projector(
     frobenius = float(s.square().sum().sqrt())
     cut_gap = float(s[k - 1] - s[k]) / frobenius if k < s.numel() else None
     return IsotropicProjector(
-        (V / top) @ V.transpose(0, 1), float(top.mean()), float(s[0] / s[k - 1]), k, cut_gap
+        (V / top) @ V.transpose(0, 1),
+        float(top.mean()),
+        float(s[0] / s[k - 1]),
+        k,
+        cut_gap,
+        floor,
     )
 
 

@@ -34,6 +34,9 @@ NOISE_OWN_SHARE = 1.0 / 3.0
 # Formats coarser than float32 that a checkpoint may have been saved in before being read
 # back (or upcast by mergekit's ``dtype:``), coarsest first.
 STORAGE_FORMATS = (torch.bfloat16, torch.float16)
+# The first rows a format test reads before the whole tensor: a float32 checkpoint's values
+# fail the bfloat16 and float16 tests within them.
+SAMPLE_ENTRIES = 4096
 
 noise_reports = OncePerKey(" Further tensors of this model are reported at debug level.")
 
@@ -63,11 +66,11 @@ def storage_precision(tensor: torch.Tensor, step: Optional[int] = None) -> torch
     bfloat16 file was read back as float32 (mergekit's ``dtype:`` upcasts every input).
     ``step``: rows per block (no full-size temporary)."""
     own = unit_roundoff(tensor.dtype)
+    head = tensor[: max(1, SAMPLE_ENTRIES // max(1, tensor.shape[-1]))] if tensor.dim() else tensor
     for fmt in STORAGE_FORMATS:
-        if unit_roundoff(fmt) > own and all(
-            holds_exactly(b, fmt) for b in row_blocks(tensor, step)
-        ):
-            return fmt
+        if unit_roundoff(fmt) > own and holds_exactly(head, fmt):  # a counter-example ends it
+            if all(holds_exactly(b, fmt) for b in row_blocks(tensor, step)):
+                return fmt
     return tensor.dtype
 
 
@@ -345,6 +348,23 @@ def rounding_noise(tensor: torch.Tensor, step: Optional[int] = None) -> Rounding
         cols.add_(variance.sum(dim=0, dtype=torch.float64))
         del variance
     return RoundingNoise(torch.cat(rows), cols)
+
+
+def rounding_floor_bound(tensor: torch.Tensor, step: Optional[int] = None) -> float:
+    """An upper bound of ``rounding_noise(tensor).floor()`` from two reductions: every entry
+    of a tensor stored with ``p`` significand bits has ``ulp(x) <= 2^(1 - p) |x| <= 2^(1 - p)
+    max |x|``, so a row of ``n`` entries carries a rounding variance of at most ``n (2^(1 - p)
+    max |x|)^2 / 12``, and a column of ``m`` entries ``m`` times that."""
+    if tensor.dim() != 2 or not tensor.numel():
+        return 0.0
+    fmt = storage_precision(tensor, step)
+    bits = 1 - int(round(math.log2(torch.finfo(fmt).eps)))
+    largest = 0.0
+    for block in row_blocks(tensor, step):
+        low, high = torch.aminmax(block)
+        largest = max(largest, -float(low), float(high))
+    m, n = tensor.shape
+    return (math.sqrt(m) + math.sqrt(n)) * math.ldexp(largest, 1 - bits) / math.sqrt(12.0)
 
 
 def _entry_variance(block: torch.Tensor, bits: int) -> torch.Tensor:

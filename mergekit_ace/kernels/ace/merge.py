@@ -34,7 +34,7 @@ from mergekit_ace.kernels.ace.workspace import WorkspacePlan, plan_workspace, sc
 from mergekit_ace.kernels.finishing import finish, finish_rows
 from mergekit_ace.kernels.inputs import TensorNames, check_inputs, normalized_weights
 from mergekit_ace.kernels.linalg import SolveInfo
-from mergekit_ace.kernels.storage_noise import rounding_noise
+from mergekit_ace.kernels.storage_noise import rounding_floor_bound, rounding_noise
 from mergekit_ace.kernels.task_vectors import MergeDiagnostics, task_vectors, weighted_mean_delta
 
 DEFAULTS = {p.kernel_name: p.default for p in ACE_PARAMETERS}
@@ -59,8 +59,10 @@ class AceDiagnostics(MergeDiagnostics):
     float32 more than ``ACCURACY_WARN`` of relative accuracy, else a bound; :class:`~mergekit_ace.
     kernels.linalg.SolveInfo`). ``boost_ratio``: ``s_1 / s_k`` over the directions the
     refinement boosted, the factor by which it multiplies the solve's relative round-off;
-    ``noise_floor`` the singular value of ``F`` at or below which it boosted nothing
-    (``None`` with ``noise_floor: false`` or no refinement); ``cut_gap``: ``(s_k - s_{k+1}) /
+    ``noise_floor`` the singular value of ``F`` at or below which it boosted nothing (``None``
+    with ``noise_floor: false`` or no refinement; in a merge an upper bound of the storage
+    floor where that bound already lay below every boosted direction, exact with
+    ``spectra=True``); ``cut_gap``: ``(s_k - s_{k+1}) /
     ||F||_F`` at the last boosted direction (small at a near tie). ``roundoff_change``: where
     ``condition * u * boost_ratio`` exceeds ``ACCURACY_WARN``, the measured relative change
     round-off makes to the merged update (:mod:`.roundoff`).
@@ -269,13 +271,21 @@ def noise_floor_of(
     base: torch.Tensor, participants: Sequence[torch.Tensor], settings: AceSettings
 ) -> NoiseFloor:
     """Step 6's noise floor (:class:`~mergekit_ace.kernels.ace.refine.NoiseFloor`) from the
-    noisiest participant's storage rounding (``noise_floor: false``: none)."""
+    noisiest participant's storage rounding (``noise_floor: false``: none): in a merge first
+    as a bound from each participant's largest entry, computed entry by entry only where the
+    bound reaches a direction the refinement would boost."""
     shape = tuple(base.shape)
     if not settings.noise_floor:
         return NoiseFloor(False, shape)
     step = scan_block_rows(shape[0], shape[1], settings.element_bytes)
-    storage = max(rounding_noise(expert, step).floor() for expert in participants)
-    return NoiseFloor(True, shape, storage)
+
+    def exact() -> float:
+        return max(rounding_noise(expert, step).floor() for expert in participants)
+
+    if settings.spectra:  # inspect reports the floor itself
+        return NoiseFloor(True, shape, exact())
+    bound = max(rounding_floor_bound(expert, step) for expert in participants)
+    return NoiseFloor(True, shape, bound, exact=exact)
 
 
 def merge_mean(

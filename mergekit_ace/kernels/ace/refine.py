@@ -11,7 +11,7 @@ for its Gram and once for the update, solving each block where it is needed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -105,17 +105,35 @@ class NoiseFloor:
     """The singular value of ``F`` at or below which a direction is noise that the inputs'
     storage or a float32 solve explains, and is not boosted (docs/method.md, "Directions at the
     storage noise floor"). ``storage``: the noisiest participant's rounding noise floor
-    (:meth:`~mergekit_ace.kernels.storage_noise.RoundingNoise.floor`); ``condition``: the
-    solve's condition-number bound from the ridge (``SolveInfo.bound``, the same in every
-    compute dtype). ``enabled=False`` (``noise_floor: false``): no floor."""
+    (:meth:`~mergekit_ace.kernels.storage_noise.RoundingNoise.floor`), or, where ``exact`` is
+    given, an upper bound of it that ``exact()`` replaces when the bound would decide
+    something (:meth:`cut_below`); ``condition``: the solve's condition-number bound from the
+    ridge (``SolveInfo.bound``, the same in every compute dtype). ``enabled=False``
+    (``noise_floor: false``): no floor."""
 
     enabled: bool
     shape: Tuple[int, int]
     storage: float = 0.0
     condition: Optional[float] = None
+    exact: Optional[Callable[[], float]] = field(default=None, compare=False)
 
     def with_condition(self, condition: Optional[float]) -> "NoiseFloor":
-        return NoiseFloor(self.enabled, self.shape, self.storage, condition)
+        return replace(self, condition=condition)
+
+    def settled(self) -> "NoiseFloor":
+        """This floor with its exact storage level (computed now where it was a bound)."""
+        return self if self.exact is None else replace(self, storage=self.exact(), exact=None)
+
+    def cut_below(self, frobenius: float) -> Callable[[float], float]:
+        """The cut for ``F`` of norm ``frobenius`` as a function of the smallest singular value
+        the refinement would boost: the bound where that value lies above it (the exact floor
+        lies lower and cuts nothing either), else the exact floor."""
+
+        def cut(smallest: float) -> float:
+            bound = self.of(frobenius)
+            return bound if smallest > bound else self.settled().of(frobenius)
+
+        return cut
 
     def of(self, frobenius: float) -> float:
         """``sqrt(storage^2 + solve^2)`` for ``F`` of norm ``frobenius``, with ``solve`` the
@@ -228,7 +246,7 @@ def _refine_streaming(
         F64 = f_rows(start, stop)[1].to(torch.float64)
         add_symmetric_(gram, F64)
         del F64
-    cut = floor.of(math.sqrt(float(gram.diagonal().sum())))
+    cut = floor.cut_below(math.sqrt(float(gram.diagonal().sum())))
     top = isotropic_projector(gram, plan.k, cut)
     del gram
     if top is None:  # rare: materialize F for the SVD
@@ -239,8 +257,8 @@ def _refine_streaming(
     if top.P is None:  # nothing above the noise floor: W = W_pre
         for start, stop in plan.blocks:
             N[start:stop] = solver.solve(N[start:stop])
-        return N, solver.info, Refinement(None, "gram-eigh", 0, None, cut or None)
-    refinement = _refinement(top, cut, (plan.m, plan.n))
+        return N, solver.info, Refinement(None, "gram-eigh", 0, None, top.floor or None)
+    refinement = _refinement(top, (plan.m, plan.n))
     solver.check_condition(refinement.amplification)
     P = top.P.to(N.dtype)
     for start, stop in plan.blocks:
@@ -263,10 +281,10 @@ def isotropic_update_(
     measured against ``||F||_F`` rather than its largest singular value."""
     G = short_side_gram(F)
     scale = math.sqrt(max(float(G.diagonal().sum()), 0.0))  # ||F||_F
-    cut = floor.of(scale) if floor is not None else 0.0
-    top = isotropic_projector(G, plan.k, cut)
+    top = isotropic_projector(G, plan.k, floor.cut_below(scale) if floor is not None else 0.0)
     del G
     if top is None:
+        cut = floor.settled().of(scale) if floor is not None else 0.0
         norm = float(torch.linalg.vector_norm(F, dtype=torch.float64))
         U, s, Vh = top_singular_triplets(F, plan.k, scale=norm, floor=cut)
         if not s.numel():
@@ -276,18 +294,19 @@ def isotropic_update_(
         boost_ratio = float(s[0] / s[-1])
         return Refinement(sigma, "svd", int(s.numel()), boost_ratio, cut or None, None, boost_ratio)
     if top.P is None:
-        return Refinement(None, "gram-eigh", 0, None, cut or None)
+        return Refinement(None, "gram-eigh", 0, None, top.floor or None)
     P = top.P.to(W.dtype)
     if plan.m >= plan.n:
         for start, stop in plan.blocks:
             addmm_(W[start:stop], F[start:stop], P, alpha=top.sigma, precision=plan.matmul)
     else:
         addmm_(W, P, F, alpha=top.sigma, precision=plan.matmul)
-    return _refinement(top, cut, (plan.m, plan.n))
+    return _refinement(top, (plan.m, plan.n))
 
 
-def _refinement(top: IsotropicProjector, cut: float, shape: Tuple[int, int]) -> Refinement:
+def _refinement(top: IsotropicProjector, shape: Tuple[int, int]) -> Refinement:
     amplification = roundoff_amplification(top.boost_ratio, top.cut_gap, top.k, shape)
+    floor = top.floor or None
     return Refinement(
-        top.sigma, "gram-eigh", top.k, top.boost_ratio, cut or None, top.cut_gap, amplification
+        top.sigma, "gram-eigh", top.k, top.boost_ratio, floor, top.cut_gap, amplification
     )
