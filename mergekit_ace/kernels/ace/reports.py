@@ -38,13 +38,20 @@ def report_conditioning(
     warns. A near tie of the ``k``-th and ``(k+1)``-th singular values of ``F`` warns on its
     estimate (:func:`~mergekit_ace.kernels.ace.refine.tie_change`, ``update_norm`` the merged
     update's norm): which of the two is boosted is a toss-up that a second computation
-    samples only once."""
+    samples only once. Where the system's own round-off passes ``ACCURACY_WARN``, the
+    system is the cause reported."""
     if diag.condition is None:
         return
     u = unit_roundoff(dtype)
     amplification = max(1.0, diag.boost_ratio or 1.0)
     loss = diag.condition * u * amplification
-    tie = tie_change(diag.condition * u, diag.cut_gap, diag.shape, diag.sigma_iso, update_norm)
+    roundoff = diag.condition * u
+    # A tie is the story only where the solve itself is accurate; else the system is.
+    tie = (
+        tie_change(roundoff, diag.cut_gap, diag.shape, diag.sigma_iso, update_norm)
+        if not roundoff > ACCURACY_WARN
+        else 0.0
+    )
     if not (loss > ACCURACY_WARN or tie > ACCURACY_WARN):
         return
     if loss > ACCURACY_WARN and measure is not None and diag.solver == "cholesky":
@@ -87,12 +94,8 @@ def _cause_and_remedy(
         )
         return what, raise_eps
     if tie > ACCURACY_WARN:
-        return _tie(diag, precision, tie), (
-            raise_eps
-            if diag.condition * u > ACCURACY_WARN
-            else f"a slightly different `k_frac` (the tie is at direction {diag.k} of "
-            f"{min(diag.shape)})"
-        )
+        tied = f"direction {diag.k} of {min(diag.shape)}"
+        return _tie(diag, precision, tie), f"a slightly different `k_frac` (the tie is at {tied})"
     what = f"its system's condition number is about {diag.condition:.1e}"
     if amplification > 1:
         what += (
