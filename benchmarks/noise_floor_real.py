@@ -1,11 +1,13 @@
 """The noise floor on real SmolLM2-135M experts, tensor by tensor through the kernels (CPU):
 LoRA experts folded into the bfloat16 base and stored in bfloat16 (share of each merged update
 outside the adapters' input span, with and without the floor), and full fine-tunes stored in
-float32 (how many merged tensors change at all).
+float32 (how many merged tensors change at all, and which, by how much).
 
     python -m benchmarks.noise_floor_real --lora benchmarks/cache/experts/lora-r8 \\
         --lora-base benchmarks/cache/base-bf16 --full benchmarks/cache/experts/main \\
         --full-base benchmarks/cache/base
+    python -m benchmarks.noise_floor_real --full benchmarks/cache/experts/uneven \\
+        --full-base benchmarks/cache/base --layers all   # every tensor, full fine-tunes only
 
 Each folder under ``--lora`` holds ``bf16/model.safetensors`` (the adapter folded in) and
 ``adapter/adapter_model.safetensors`` (its ``lora_A``, whose rows span the inputs the expert
@@ -66,21 +68,49 @@ def lora_rows(experts: Sequence[Path], base: Path, names: Sequence[str]) -> List
     return [dict(method=m, **r) for m, r in results.items()]
 
 
+def checkpoint_names(path: Path) -> List[str]:
+    """Every tensor of a checkpoint, in the file's order."""
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
+
+
+def relative_change(on: torch.Tensor, off: torch.Tensor, W0: torch.Tensor) -> float:
+    """``||on - off||_F / ||off - W0||_F`` in float64 (0 when both are equal)."""
+    if torch.equal(on, off):
+        return 0.0
+    d_off = (off - W0).double()
+    return float((on.double() - off.double()).norm() / d_off.norm())
+
+
 def full_rows(experts: Sequence[Path], base: Path, names: Sequence[str]) -> List[Dict]:
-    """Per method: merged tensors bit-identical with and without the floor, largest change."""
-    rows = []
-    for method, kernel in KERNELS.items():
-        same, worst = 0, 0.0
-        for name in names:
-            W0 = read(base / "model.safetensors", name)
-            stored = [read(e / "model.safetensors", name) for e in experts]
-            on, _ = kernel(W0, stored, tensor_name=name)
-            off, _ = kernel(W0, stored, noise_floor=False, tensor_name=name)
-            same += bool(torch.equal(on, off))
-            d_off = (off - W0).double()
-            worst = max(worst, float(((on - W0).double() - d_off).norm() / d_off.norm()))
-        rows.append(dict(method=method, same=same, count=len(names), worst=worst))
-    return rows
+    """Per setting of :data:`SETTINGS`, over the tensors ``names``: how many (``count``; 2-D:
+    ``matrices``) merge bit for bit alike with and without the floor (``same``; 2-D:
+    ``same_matrices``), each changed one with its :func:`relative_change` (``changed``) and the
+    largest (``worst``); ``touched``: the tensors at least one expert differs from the base in."""
+    rows = {label: dict(method=label, changed=[], worst=0.0) for label, _, _ in SETTINGS}
+    counts = dict(count=0, matrices=0)
+    same = {label: [0, 0] for label in rows}
+    touched = []
+    for name in names:
+        W0 = read(base / "model.safetensors", name)
+        stored = [read(e / "model.safetensors", name) for e in experts]
+        counts["count"] += 1
+        counts["matrices"] += W0.dim() == 2
+        touched += [name] if any(not torch.equal(s, W0) for s in stored) else []
+        for label, method, extra in SETTINGS:
+            on, _ = KERNELS[method](W0, stored, tensor_name=name, **extra)
+            off, _ = KERNELS[method](W0, stored, noise_floor=False, tensor_name=name, **extra)
+            if torch.equal(on, off):
+                same[label][0] += 1
+                same[label][1] += W0.dim() == 2
+                continue
+            change = relative_change(on, off, W0)
+            rows[label]["changed"].append((name, change))
+            rows[label]["worst"] = max(rows[label]["worst"], change)
+    return [
+        dict(row, **counts, same=same[k][0], same_matrices=same[k][1], touched=touched)
+        for k, row in rows.items()
+    ]
 
 
 def mean(values: Sequence[float]) -> float:
@@ -92,32 +122,60 @@ def k_range(values: Sequence[str]) -> str:
     return f"{numbers[0]}-{numbers[-1]}" if numbers else "-"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lora", type=Path, required=True)
-    parser.add_argument("--lora-base", type=Path, required=True)
-    parser.add_argument("--full", type=Path, required=True)
-    parser.add_argument("--full-base", type=Path, required=True)
-    parser.add_argument("--layers", default="0,10,20,29")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    names = tensor_names([int(x) for x in args.layers.split(",")])
-    experts = sorted(p for p in args.lora.iterdir() if p.is_dir())
-    print(f"LoRA experts: {len(experts)}, {len(names)} tensors (layers {args.layers})\n")
+def print_lora(folder: Path, base: Path, names: Sequence[str], layers: str) -> None:
+    experts = sorted(p for p in folder.iterdir() if p.is_dir())
+    print(f"LoRA experts: {len(experts)}, {len(names)} tensors (layers {layers})\n")
     print("| method | directions (floor off / on) | outside, false | outside, true |")
     print("|---|---|---|---|")
-    for row in lora_rows(experts, args.lora_base, names):
+    for row in lora_rows(experts, base, names):
         if row["method"] == "task_arithmetic":
             print(f"| task arithmetic | - | {mean(row['off']):.3f} | - |")
             continue
         k = f"{k_range(row['k_off'])} / {k_range(row['k_on'])}"
         print(f"| {row['method']} | {k} | {mean(row['off']):.3f} | {mean(row['on']):.3f} |")
-    full = sorted(p for p in args.full.iterdir() if p.is_dir())
-    print(f"\nFull fine-tunes (float32): {len(full)} experts\n")
-    print("| method | tensors identical | largest change of the merged update |")
-    print("|---|---|---|")
-    for row in full_rows(full, args.full_base, names):
-        print(f"| {row['method']} | {row['same']} / {row['count']} | {row['worst']:.1e} |")
+
+
+def print_full(folder: Path, base: Path, names: Sequence[str]) -> None:
+    experts = sorted(p for p in folder.iterdir() if p.is_dir())
+    dtypes = {str(read(e / "model.safetensors", names[0]).dtype) for e in experts}
+    print(f"\nFull fine-tunes ({', '.join(sorted(dtypes))}): {len(experts)} experts\n")
+    print("| method | tensors identical | matrices identical | largest change |")
+    print("|---|---|---|---|")
+    rows = full_rows(experts, base, names)
+    for row in rows:
+        same = f"{row['same']} / {row['count']}"
+        matrices = f"{row['same_matrices']} / {row['matrices']}"
+        print(f"| {row['method']} | {same} | {matrices} | {row['worst']:.1e} |")
+    for row in rows:
+        for name, change in row["changed"]:
+            print(f"changed: {row['method']}: {name}: {change:.2e}")
+    untouched = [n for n in names if n not in rows[0]["touched"]]
+    print(f"tensors no expert changed: {len(untouched)} {untouched[:8]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lora", type=Path)
+    parser.add_argument("--lora-base", type=Path)
+    parser.add_argument("--full", type=Path)
+    parser.add_argument("--full-base", type=Path)
+    parser.add_argument(
+        "--layers",
+        default="0,10,20,29",
+        help="comma-separated; `all`: every tensor of the base (the LoRA part: its projections)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.layers == "all":
+        base = args.full_base or args.lora_base
+        names = checkpoint_names(base / "model.safetensors")
+    else:
+        names = tensor_names([int(x) for x in args.layers.split(",")])
+    if args.lora:
+        projections = [n for n in names if n.split(".")[-2] in PROJECTIONS]
+        print_lora(args.lora, args.lora_base, projections, args.layers)
+    if args.full:
+        print_full(args.full, args.full_base, names)
 
 
 if __name__ == "__main__":

@@ -348,3 +348,55 @@ def test_a_merge_estimates_the_floor_entry_by_entry_only_where_the_bound_decides
     calls.clear()
     KERNELS["ace"](lora_base, lora_experts, gate="on")
     assert len(calls) == 3
+
+
+def test_relative_change_by_hand():
+    from benchmarks.noise_floor_real import relative_change
+
+    W0 = torch.zeros(2)
+    off = torch.tensor([3.0, 4.0])  # ||off - W0|| = 5
+    assert relative_change(off + torch.tensor([0.0, 1.0]), off, W0) == pytest.approx(0.2)
+    assert relative_change(off.clone(), off, W0) == 0.0
+
+
+def test_full_rows_name_every_changed_tensor(tmp_path):
+    """Every tensor of a checkpoint through ``full_rows``: rank-4 experts stored at bfloat16's
+    resolution (the floor changes Iso-C's merge of that matrix, by the relative change computed
+    here independently), a norm vector the experts change and a matrix none changes (both
+    merged alike with and without the floor)."""
+    from safetensors.torch import save_file
+
+    from benchmarks.noise_floor_real import SETTINGS, checkpoint_names, full_rows, read
+
+    q, norm, embed = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "model.embed"
+    g = torch.Generator().manual_seed(7)
+    base = {
+        q: (0.02 * torch.randn(64, 48, generator=g)).bfloat16().float(),
+        norm: torch.ones(48),
+        embed: torch.randn(16, 8, generator=g),
+    }
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    experts = []
+    for i, scale in enumerate((0.02, 0.06, 0.01)):
+        update = scale * torch.randn(64, 4, generator=g) @ torch.randn(4, 48, generator=g)
+        tensors = dict(base, **{q: (base[q] + update).bfloat16().float()})
+        tensors[norm] = base[norm] + 0.01 * (i + 1)
+        (tmp_path / f"e{i}").mkdir()
+        save_file(tensors, str(tmp_path / f"e{i}" / "model.safetensors"))
+        experts.append(tmp_path / f"e{i}")
+    names = checkpoint_names(tmp_path / "base" / "model.safetensors")
+    rows = {r["method"]: r for r in full_rows(experts, tmp_path / "base", names)}
+    assert set(rows) == {label for label, _, _ in SETTINGS}
+    for row in rows.values():
+        assert (row["count"], row["matrices"]) == (3, 2)
+        assert sorted(row["touched"]) == sorted([q, norm])
+        assert row["same"] == 3 - len(row["changed"]) and row["same_matrices"] >= 1
+        assert all(name == q for name, _ in row["changed"])
+    W0 = base[q]
+    stored = [read(e / "model.safetensors", q) for e in experts]
+    on, _ = KERNELS["iso_c"](W0, stored)
+    off, _ = KERNELS["iso_c"](W0, stored, noise_floor=False)
+    expected = float((on - off).double().norm() / (off - W0).double().norm())
+    assert rows["iso_c"]["changed"] == [(q, pytest.approx(expected))] and expected > 0.1
+    assert rows["iso_c"]["worst"] == pytest.approx(expected)
