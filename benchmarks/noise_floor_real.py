@@ -18,15 +18,34 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 
 from benchmarks.noise_floor import KERNELS, directions, outside_share
+from benchmarks.real_llama.methods import PAPER, method_specs
+from mergekit_ace.kernels.parameters import LAMBDA
 
 SETTINGS = [(name, name, {}) for name in KERNELS] + [("ace, gate: on", "ace", {"gate": "on"})]
+# The full fine-tunes' check adds the benchmarks' other ACE row: the paper's eps and gate.
+FULL_SETTINGS = SETTINGS + [("ace, eps: 1e-5, gamma", "ace", dict(PAPER))]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def benchmark_settings(n_experts: int) -> List[Tuple[str, str, Dict]]:
+    """Every row of the classification benchmark's grid that merges with one of the five
+    methods (benchmarks/real_llama/methods.py), with its parameters under the kernels' names,
+    plus ``ace, gate: on``."""
+    rows = []
+    for spec in method_specs(n_experts):
+        if spec.method in KERNELS:
+            extra = {
+                (LAMBDA.kernel_name if k == LAMBDA.name else k): v
+                for k, v in spec.parameters.items()
+            }
+            rows.append((spec.label, spec.method, extra))
+    return rows + [SETTINGS[-1]]
 
 
 def tensor_names(layers: Sequence[int]) -> List[str]:
@@ -82,12 +101,15 @@ def relative_change(on: torch.Tensor, off: torch.Tensor, W0: torch.Tensor) -> fl
     return float((on.double() - off.double()).norm() / d_off.norm())
 
 
-def full_rows(experts: Sequence[Path], base: Path, names: Sequence[str]) -> List[Dict]:
-    """Per setting of :data:`SETTINGS`, over the tensors ``names``: how many (``count``; 2-D:
-    ``matrices``) merge bit for bit alike with and without the floor (``same``; 2-D:
-    ``same_matrices``), each changed one with its :func:`relative_change` (``changed``) and the
-    largest (``worst``); ``touched``: the tensors at least one expert differs from the base in."""
-    rows = {label: dict(method=label, changed=[], worst=0.0) for label, _, _ in SETTINGS}
+def full_rows(
+    experts: Sequence[Path], base: Path, names: Sequence[str], settings=FULL_SETTINGS
+) -> List[Dict]:
+    """Per setting (``(label, method, parameters)``), over the tensors ``names``: how many
+    (``count``; 2-D: ``matrices``) merge bit for bit alike with and without the floor
+    (``same``; 2-D: ``same_matrices``), each changed one with its :func:`relative_change`
+    (``changed``) and the largest (``worst``); ``touched``: the tensors at least one expert
+    differs from the base in."""
+    rows = {label: dict(method=label, changed=[], worst=0.0) for label, _, _ in settings}
     counts = dict(count=0, matrices=0)
     same = {label: [0, 0] for label in rows}
     touched = []
@@ -97,7 +119,7 @@ def full_rows(experts: Sequence[Path], base: Path, names: Sequence[str]) -> List
         counts["count"] += 1
         counts["matrices"] += W0.dim() == 2
         touched += [name] if any(not torch.equal(s, W0) for s in stored) else []
-        for label, method, extra in SETTINGS:
+        for label, method, extra in settings:
             on, _ = KERNELS[method](W0, stored, tensor_name=name, **extra)
             off, _ = KERNELS[method](W0, stored, noise_floor=False, tensor_name=name, **extra)
             if torch.equal(on, off):
@@ -135,13 +157,14 @@ def print_lora(folder: Path, base: Path, names: Sequence[str], layers: str) -> N
         print(f"| {row['method']} | {k} | {mean(row['off']):.3f} | {mean(row['on']):.3f} |")
 
 
-def print_full(folder: Path, base: Path, names: Sequence[str]) -> None:
+def print_full(folder: Path, base: Path, names: Sequence[str], grid: bool) -> None:
     experts = sorted(p for p in folder.iterdir() if p.is_dir())
+    settings = benchmark_settings(len(experts)) if grid else FULL_SETTINGS
     dtypes = {str(read(e / "model.safetensors", names[0]).dtype) for e in experts}
     print(f"\nFull fine-tunes ({', '.join(sorted(dtypes))}): {len(experts)} experts\n")
     print("| method | tensors identical | matrices identical | largest change |")
     print("|---|---|---|---|")
-    rows = full_rows(experts, base, names)
+    rows = full_rows(experts, base, names, settings)
     for row in rows:
         same = f"{row['same']} / {row['count']}"
         matrices = f"{row['same_matrices']} / {row['matrices']}"
@@ -164,6 +187,12 @@ def main() -> None:
         default="0,10,20,29",
         help="comma-separated; `all`: every tensor of the base (the LoRA part: its projections)",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="full fine-tunes: every row of the classification benchmark's grid that merges "
+        "with one of the five methods (eps sweep, ablations), not only the defaults",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.layers == "all":
@@ -175,7 +204,7 @@ def main() -> None:
         projections = [n for n in names if n.split(".")[-2] in PROJECTIONS]
         print_lora(args.lora, args.lora_base, projections, args.layers)
     if args.full:
-        print_full(args.full, args.full_base, names)
+        print_full(args.full, args.full_base, names, args.grid)
 
 
 if __name__ == "__main__":

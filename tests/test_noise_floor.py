@@ -366,7 +366,7 @@ def test_full_rows_name_every_changed_tensor(tmp_path):
     merged alike with and without the floor)."""
     from safetensors.torch import save_file
 
-    from benchmarks.noise_floor_real import SETTINGS, checkpoint_names, full_rows, read
+    from benchmarks.noise_floor_real import FULL_SETTINGS, checkpoint_names, full_rows, read
 
     q, norm, embed = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "model.embed"
     g = torch.Generator().manual_seed(7)
@@ -387,7 +387,7 @@ def test_full_rows_name_every_changed_tensor(tmp_path):
         experts.append(tmp_path / f"e{i}")
     names = checkpoint_names(tmp_path / "base" / "model.safetensors")
     rows = {r["method"]: r for r in full_rows(experts, tmp_path / "base", names)}
-    assert set(rows) == {label for label, _, _ in SETTINGS}
+    assert set(rows) == {label for label, _, _ in FULL_SETTINGS}
     for row in rows.values():
         assert (row["count"], row["matrices"]) == (3, 2)
         assert sorted(row["touched"]) == sorted([q, norm])
@@ -400,3 +400,23 @@ def test_full_rows_name_every_changed_tensor(tmp_path):
     expected = float((on - off).double().norm() / (off - W0).double().norm())
     assert rows["iso_c"]["changed"] == [(q, pytest.approx(expected))] and expected > 0.1
     assert rows["iso_c"]["worst"] == pytest.approx(expected)
+
+
+def test_benchmark_settings_are_the_grid_rows_under_kernel_names():
+    """``--grid``: the classification grid's rows that merge with the five methods (not
+    ``ties`` or ``linear``), ``lambda`` passed as the kernels' ``lam``, every set of parameters
+    accepted by its kernel."""
+    from benchmarks.noise_floor_real import benchmark_settings
+
+    rows = {label: (method, extra) for label, method, extra in benchmark_settings(3)}
+    assert rows["ace (paper: eps=1e-5, gamma)"] == ("ace", {"eps": 1e-5, "gate_statistic": "gamma"})
+    assert rows["tsv"] == ("tsv", {"lam": 1.0}) and rows["ace, gate: on"] == ("ace", {"gate": "on"})
+    assert "ties" not in rows and "linear" not in rows
+    assert {method for method, _ in rows.values()} == set(KERNELS)
+    assert sum(label.startswith("ace eps=") for label in rows) == 7  # six fixed eps and auto
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 6, generator=g)
+    experts = [base + 0.1 * torch.randn(8, 6, generator=g) for _ in range(3)]
+    for method, extra in rows.values():
+        out, _ = KERNELS[method](base, experts, **extra)
+        assert out.shape == base.shape and bool(torch.isfinite(out).all())
