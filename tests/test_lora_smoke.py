@@ -68,8 +68,13 @@ def test_fingerprint_note_names_stale_rows(monkeypatch):
     }
     note = report.fingerprint_note(results)
     assert "`new` (1 rows), `old` (2 rows)" in note
+    assert note.endswith("current `new`: `lora-r8-adapter`: all 2 rows.")
+    results["lora-r8-adapter"]["rows"]["seed 0 | all | iso_c"] = row("iso_c", "new")
+    note = report.fingerprint_note(results)
     assert note.endswith("current `new`: `lora-r8-adapter`: all | ace, a+b | tsv.")
-    del results["lora-r8-adapter"]
+    results["lora-r8-bf16"]["rows"]["seed 0 | all | ace"] = row("ace", "old")
+    assert "`lora-r8-bf16`: all | ace; `lora-r8-adapter`" in report.fingerprint_note(results)
+    del results["lora-r8-adapter"], results["lora-r8-bf16"]
     assert "earlier" not in report.fingerprint_note(results)
 
 

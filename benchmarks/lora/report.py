@@ -120,12 +120,16 @@ def fingerprint_note(all_results: Dict[str, Dict]) -> str:
     seen: Dict[str, int] = {}
     stale: Dict[str, list] = {}
     for n, res in all_results.items():
+        ours = 0
         for key, row in res["rows"].items():
             if row.get("kind") == "merge" and row.get("method") in OURS and "code " in row["key"]:
                 fp = row["key"].rsplit("code ", 1)[1]
                 seen[fp] = seen.get(fp, 0) + 1
+                ours += 1
                 if fp != now:
                     stale.setdefault(n, []).append(key.split(" | ", 1)[1])
+        if len(stale.get(n, [])) == ours > 1:
+            stale[n] = [f"all {ours} rows"]
     note = (
         f"Merge code fingerprint of the rows of {', '.join(OURS)}: "
         + ", ".join(f"`{fp}` ({count} rows)" for fp, count in seen.items())
