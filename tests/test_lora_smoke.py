@@ -47,6 +47,37 @@ def test_redo_rule():
     assert redo_rule(["all"])(specs["dare_ties"]) and redo_rule(None) is None
 
 
+def test_fingerprint_note_names_stale_rows(monkeypatch):
+    from benchmarks.lora import report
+
+    monkeypatch.setattr(report, "code_fingerprint", lambda: "new")
+
+    def row(method, code=None):
+        key = f"{method} | spec" + (f" | code {code}" if code else "")
+        return {"kind": "merge", "method": method, "key": key}
+
+    results = {
+        "lora-r8-bf16": {"rows": {"seed 0 | all | ace": row("ace", "new")}},
+        "lora-r8-adapter": {
+            "rows": {
+                "seed 0 | all | ace": row("ace", "old"),
+                "seed 0 | a+b | tsv": row("tsv", "old"),
+                "seed 0 | all | ties": row("ties"),
+            }
+        },
+    }
+    note = report.fingerprint_note(results)
+    assert "`new` (1 rows), `old` (2 rows)" in note
+    assert note.endswith("current `new`: `lora-r8-adapter`: all 2 rows.")
+    results["lora-r8-adapter"]["rows"]["seed 0 | all | iso_c"] = row("iso_c", "new")
+    note = report.fingerprint_note(results)
+    assert note.endswith("current `new`: `lora-r8-adapter`: all | ace, a+b | tsv.")
+    results["lora-r8-bf16"]["rows"]["seed 0 | all | ace"] = row("ace", "old")
+    assert "`lora-r8-bf16`: all | ace; `lora-r8-adapter`" in report.fingerprint_note(results)
+    del results["lora-r8-adapter"], results["lora-r8-bf16"]
+    assert "earlier" not in report.fingerprint_note(results)
+
+
 def _delta_from_factors(adapter_dir: Path) -> torch.Tensor:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     f = load_file(str(adapter_dir / "adapter_model.safetensors"))

@@ -114,19 +114,33 @@ def experts_table(all_results: Dict[str, Dict]) -> str:
 
 
 def fingerprint_note(all_results: Dict[str, Dict]) -> str:
-    """Which code fingerprint the rows of this package's methods were merged with."""
+    """Which code fingerprint the rows of this package's methods were merged with, and which
+    rows (by set) are stale against the current code."""
     now = code_fingerprint()
-    seen = {}
+    seen: Dict[str, int] = {}
+    stale: Dict[str, list] = {}
     for n, res in all_results.items():
+        ours = 0
         for key, row in res["rows"].items():
             if row.get("kind") == "merge" and row.get("method") in OURS and "code " in row["key"]:
                 fp = row["key"].rsplit("code ", 1)[1]
-                seen.setdefault(fp, []).append(f"{n}: {key}")
-    stale = sum(len(v) for fp, v in seen.items() if fp != now)
-    return (
+                seen[fp] = seen.get(fp, 0) + 1
+                ours += 1
+                if fp != now:
+                    stale.setdefault(n, []).append(key.split(" | ", 1)[1])
+        if len(stale.get(n, [])) == ours > 1:
+            stale[n] = [f"all {ours} rows"]
+    note = (
         f"Merge code fingerprint of the rows of {', '.join(OURS)}: "
-        + ", ".join(f"`{fp}` ({len(v)} rows)" for fp, v in seen.items())
-        + (f"; {stale} rows are stale against the current code `{now}`." if stale else ".")
+        + ", ".join(f"`{fp}` ({count} rows)" for fp, count in seen.items())
+        + "."
+    )
+    if not stale:
+        return note
+    return note + (
+        f" Rows merged with an earlier code than the current `{now}`: "
+        + "; ".join(f"`{n}`: {', '.join(keys)}" for n, keys in stale.items())
+        + "."
     )
 
 
