@@ -240,6 +240,39 @@ def test_entries_and_ulps_by_hand():
     assert _finding(bf16, _moved(bf16, [(i, j)], 5)) is None
 
 
+def test_a_large_move_in_the_first_rows_ends_the_test_there(monkeypatch):
+    """A bf16 copy of the base with one entry moved by 5 ulp of the largest entry: in the
+    first rows the verdict (not noise) comes from those rows alone, the blocks of the whole
+    tensor are never read; past them the whole-tensor pass finds it; 3 ulp anywhere stays
+    noise."""
+    from mergekit_ace.kernels import storage_noise
+
+    g = torch.Generator().manual_seed(3)
+    base = (0.02 * torch.randn(4096, 8, generator=g)).to(torch.bfloat16)
+    top = _spacing(base.float().abs().max(), torch.bfloat16)
+    head_rows = storage_noise.sample_head(base).shape[0]
+    assert head_rows == storage_noise.SAMPLE_ENTRIES // 8 < base.shape[0]
+
+    def moved(row, ulps):
+        out = base.clone()
+        out[row, 0] = base[row, 0].float() + ulps * top
+        return out
+
+    for row in (0, head_rows - 1, head_rows, base.shape[0] - 1):
+        assert _finding(base, moved(row, 3)) is not None
+        assert _finding(base, moved(row, 5)) is None
+    real_blocks = storage_noise.row_blocks
+
+    def whole_tensor_pass(tensor, step):
+        assert tensor.shape[0] <= head_rows, "read the whole tensor"
+        return real_blocks(tensor, step)
+
+    monkeypatch.setattr(storage_noise, "row_blocks", whole_tensor_pass)
+    assert _finding(base, moved(head_rows - 1, 5)) is None
+    with pytest.raises(AssertionError, match="whole tensor"):
+        _finding(base, moved(head_rows, 5))
+
+
 def test_rounding_share_by_hand():
     """A 1e-4 fine-tune saved in bf16 from an fp32 base: the expert's own change beyond the
     rounded base carries ``||W_t - fl(W0)||^2 / ||W_t - W0||^2`` of the task vector (under

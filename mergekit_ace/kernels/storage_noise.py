@@ -60,18 +60,36 @@ def frobenius(tensor: torch.Tensor, step: Optional[int] = None) -> float:
     )
 
 
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |tensor|`` (0 for an empty tensor) in one pass with no temporary."""
+    if not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
+
+
 def storage_precision(tensor: torch.Tensor, step: Optional[int] = None) -> torch.dtype:
     """The coarsest of bfloat16, float16 and ``tensor.dtype`` that holds every value of
     ``tensor`` exactly: the precision the checkpoint was really saved in, also after a
     bfloat16 file was read back as float32 (mergekit's ``dtype:`` upcasts every input).
     ``step``: rows per block (no full-size temporary)."""
     own = unit_roundoff(tensor.dtype)
-    head = tensor[: max(1, SAMPLE_ENTRIES // max(1, tensor.shape[-1]))] if tensor.dim() else tensor
+    head = sample_head(tensor)
     for fmt in STORAGE_FORMATS:
         if unit_roundoff(fmt) > own and holds_exactly(head, fmt):  # a counter-example ends it
             if all(holds_exactly(b, fmt) for b in row_blocks(tensor, step)):
                 return fmt
     return tensor.dtype
+
+
+def sample_head(tensor: torch.Tensor) -> torch.Tensor:
+    """The first rows of ``tensor`` holding about :data:`SAMPLE_ENTRIES` entries (the whole of
+    a 0-D tensor), where a test that one entry can fail looks first."""
+    if tensor.dim() == 0:
+        return tensor
+    if tensor.dim() == 1:
+        return tensor[:SAMPLE_ENTRIES]
+    return tensor[: max(1, SAMPLE_ENTRIES // max(1, tensor.shape[-1]))]
 
 
 def holds_exactly(block: torch.Tensor, fmt: torch.dtype) -> bool:
@@ -101,7 +119,7 @@ def storage_noise(
     (:func:`noise_finding`), else None. ``energy`` is ``||tau_t||_F^2``, ``base_norm``
     ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the rows per block; ``rounding`` is
     kept for callers of the earlier signature and not needed."""
-    scale = BaseScale(base_norm, float(base.abs().max()) if base.numel() else 0.0)
+    scale = BaseScale(base_norm, largest_magnitude(base))
     finding = noise_finding(base, expert, energy, scale, dtype, step)
     return finding.precision if finding is not None else None
 
@@ -197,6 +215,8 @@ def noise_finding(
         return None
     fmt = storage_precision(expert, step)
     ulp = ulp_at(scale.largest, fmt)
+    if _largest_change(sample_head(base), sample_head(expert), fmt, dtype) > NOISE_ULPS * ulp:
+        return None  # the first block's test below fails on these entries too
     cap, changed, largest, own, entry_ulps = noise_cap(base.numel()), 0, 0.0, 0.0, 0.0
     close = (NOISE_FRACTION * unit_roundoff(fmt) * scale.norm) ** 2
     for b, e in zip(row_blocks(base, step), row_blocks(expert, step)):
@@ -213,6 +233,13 @@ def noise_finding(
     own_share = own / energy if energy > 0 else 0.0
     base_fmt = storage_precision(base, step)
     return NoiseFinding(fmt, base_fmt, base.numel(), changed, largest / ulp, own_share, entry_ulps)
+
+
+def _largest_change(base: torch.Tensor, expert: torch.Tensor, fmt: torch.dtype, dtype) -> float:
+    """``max |W_t - fl_fmt(W0)|`` over the entries given."""
+    if not base.numel():
+        return 0.0
+    return float((expert.to(dtype) - base.to(fmt).to(dtype)).abs().max())
 
 
 def _entry_ulps(r: torch.Tensor, restored: torch.Tensor, fmt: torch.dtype) -> float:
@@ -251,8 +278,7 @@ class NoiseCheck:
     def __call__(self, index: int, expert: torch.Tensor, energy: float) -> bool:
         """Whether expert ``index``'s task vector (of squared norm ``energy``) is noise."""
         if self.scale is None:
-            largest = float(self.base.abs().max()) if self.base.numel() else 0.0
-            self.scale = BaseScale(frobenius(self.base, self.step), largest)
+            self.scale = BaseScale(frobenius(self.base, self.step), largest_magnitude(self.base))
         finding = noise_finding(self.base, expert, energy, self.scale, self.dtype, self.step)
         label = expert_label(self.expert_names, index)
         noise_ledger.enter(label, self.tensor_name, finding, self.drop_noise)
