@@ -22,8 +22,10 @@ look-ahead in bytes (``MERGEKIT_ACE_LOOKAHEAD``; default: a quarter of the large
 inputs, which task arithmetic holds at once too, so peak host and GPU memory stay within 1.25x
 of its). An error in the reader or the writer is raised on the main thread, naming the tensor;
 then the writer's unfinished shards are removed, so nothing of a failed merge is left that
-looks complete. mergekit's merges keep mergekit's executor; ``MERGEKIT_ACE_OVERLAP=0`` restores
-it for this package's methods too.
+looks complete. mergekit's merges keep mergekit's executor. So do merges on a CPU whose every
+core the merge's own threads use (the reader's and writer's work would come out of the merge's
+time there; docs/performance.md); ``MERGEKIT_ACE_OVERLAP=1`` overlaps them anyway, ``=0`` keeps
+mergekit's executor for this package's methods everywhere.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from mergekit_ace import compat
 
 LOG = logging.getLogger("mergekit_ace")
 
-SWITCH_VARIABLE = "MERGEKIT_ACE_OVERLAP"  # 0 / off / false / no: mergekit's serial executor
+# unset or auto: overlap where it gains (see choose_executor); 1 / on: always; 0 / off: never
+SWITCH_VARIABLE = "MERGEKIT_ACE_OVERLAP"
 LOOKAHEAD_VARIABLE = "MERGEKIT_ACE_LOOKAHEAD"  # bytes: 0, 512M, 2G, 1.5GiB, ...
 LOOKAHEAD_SHARE = 0.25  # of the largest tensor's inputs
 LOOKAHEAD_UNKNOWN = 256 * 2**20  # when the checkpoints' headers do not give the sizes
@@ -62,6 +65,7 @@ STAGING_SLOTS = 4
 PAGE_BYTES = 4096
 READ, WRITE = "read", "write"
 _OFF = {"0", "off", "false", "no"}
+_ON = {"1", "on", "true", "yes"}
 _UNITS = {
     "": 1,
     "k": 10**3,
@@ -103,13 +107,29 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
+def overlap_setting() -> str:
+    """``"off"``, ``"on"`` or ``"auto"`` (unset, empty or anything else) from
+    :data:`SWITCH_VARIABLE`."""
+    value = os.environ.get(SWITCH_VARIABLE, "").strip().lower()
+    return "off" if value in _OFF else "on" if value in _ON else "auto"
+
+
 def overlap_enabled() -> bool:
-    return os.environ.get(SWITCH_VARIABLE, "1").strip().lower() not in _OFF
+    return overlap_setting() != "off"
+
+
+def available_cpus() -> int:
+    """The logical CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def choose_executor(config: Any, options: Any) -> Optional[Any]:
     """The executor of a ``run_merge`` (:func:`mergekit_ace.compat.on_executor`): overlapped
-    for merges with this package's methods on the CPU or one CUDA device, else mergekit's."""
+    for merges with this package's methods on one CUDA device, or on the CPU where a CPU is
+    left beside the merge's threads (or :data:`SWITCH_VARIABLE` is on); else mergekit's."""
     from mergekit_ace.methods import is_ours
 
     if not is_ours(str(getattr(config, "merge_method", ""))):
@@ -125,6 +145,17 @@ def choose_executor(config: Any, options: Any) -> Optional[Any]:
         return None
     device = torch.device(getattr(options, "device", None) or "cpu")
     if device.type not in ("cpu", "cuda"):
+        return None
+    cpus, threads = available_cpus(), torch.get_num_threads()
+    if device.type == "cpu" and overlap_setting() == "auto" and threads >= cpus:
+        LOG.info(
+            "mergekit-ace: the merge's %d threads use all %d CPUs, so mergekit's serial "
+            "executor runs this merge (reading ahead on another thread would take CPU time "
+            "from the merge; %s=1 overlaps anyway).",
+            threads,
+            cpus,
+            SWITCH_VARIABLE,
+        )
         return None
     setting = os.environ.get(LOOKAHEAD_VARIABLE)
     lookahead = parse_bytes(setting) if setting is not None and setting.strip() else None

@@ -121,7 +121,7 @@ def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, capl
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(overlap.OverlappedExecutor, "__init__", spy)
-    monkeypatch.delenv(overlap.SWITCH_VARIABLE, raising=False)
+    monkeypatch.setenv(overlap.SWITCH_VARIABLE, "1")
     caplog.set_level(logging.INFO, logger="mergekit_ace")
 
     def said():
@@ -142,11 +142,45 @@ def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, capl
     assert any("serial executor runs this merge" in r.getMessage() for r in caplog.records)
 
 
+def test_on_a_cpu_it_overlaps_only_with_a_cpu_to_spare(tiny_family, tmp_path, monkeypatch, caplog):
+    """Unset, the switch overlaps a CPU merge only where a CPU is left beside the merge's
+    threads (says why not otherwise); ``1`` overlaps anyway; the files are the same."""
+    built = []
+    original = overlap.OverlappedExecutor.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(overlap.OverlappedExecutor, "__init__", spy)
+    monkeypatch.delenv(overlap.SWITCH_VARIABLE, raising=False)
+    caplog.set_level(logging.INFO, logger="mergekit_ace")
+    cfg = write_config(tmp_path / "ace.yml", config_of(tiny_family))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(overlap, "available_cpus", lambda: threads)
+    mergekit_yaml_here(cfg, tmp_path / "busy" / "m")
+    assert built == []
+    assert f"threads use all {threads} CPUs" in caplog.text
+    monkeypatch.setattr(overlap, "available_cpus", lambda: threads + 1)
+    mergekit_yaml_here(cfg, tmp_path / "spare" / "m")
+    assert len(built) == 1
+    monkeypatch.setattr(overlap, "available_cpus", lambda: threads)
+    monkeypatch.setenv(overlap.SWITCH_VARIABLE, "on")
+    mergekit_yaml_here(cfg, tmp_path / "forced" / "m")
+    assert len(built) == 2
+    assert_same_files(tmp_path / "busy" / "m", tmp_path / "spare" / "m", skip=("README.md",))
+    assert_same_files(tmp_path / "busy" / "m", tmp_path / "forced" / "m", skip=("README.md",))
+
+
 def test_a_fresh_mergekit_yaml_process_overlaps(tiny_family, tmp_path, monkeypatch):
     """The installed start-up hook alone (no import of this package) chooses the overlapped
     executor, says so at -v, and writes what mergekit's executor writes."""
     cfg = write_config(tmp_path / "ace.yml", config_of(tiny_family))
-    overlapped = run_cli("mergekit-yaml", [cfg, tmp_path / "o" / "m", "-v", *SMALL_SHARDS])
+    overlapped = run_cli(
+        "mergekit-yaml",
+        [cfg, tmp_path / "o" / "m", "-v", *SMALL_SHARDS],
+        env={overlap.SWITCH_VARIABLE: "1"},
+    )
     assert overlapped.stderr.count("ahead of the merges") == 1
     monkeypatch.setenv(overlap.SWITCH_VARIABLE, "0")
     mergekit_yaml_here(cfg, tmp_path / "s" / "m", *SMALL_SHARDS)
@@ -162,7 +196,7 @@ def test_read_error_names_the_tensor_and_leaves_nothing(
 ):
     family = {**tiny_family, "expert_cut": more_inputs["expert_cut"]}
     cfg = write_config(tmp_path / "ace.yml", config_of(family, names=["expert_math", "expert_cut"]))
-    monkeypatch.delenv(overlap.SWITCH_VARIABLE, raising=False)
+    monkeypatch.setenv(overlap.SWITCH_VARIABLE, "1")
     out = tmp_path / "out"
     with pytest.raises(MergeIOError) as caught:
         mergekit_yaml_here(cfg, out, *SMALL_SHARDS)
@@ -221,7 +255,7 @@ def test_error_in_a_merge_stops_the_threads_and_removes_unfinished_shards(
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ExecuteMergeMethodTask, "execute", failing)
-    monkeypatch.delenv(overlap.SWITCH_VARIABLE, raising=False)
+    monkeypatch.setenv(overlap.SWITCH_VARIABLE, "1")
     before = set(threading.enumerate())
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="no convergence"):
