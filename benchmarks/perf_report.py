@@ -282,6 +282,9 @@ def plot_timelines(rows, path, traces=None):
 
 
 def main(paths):
+    if not paths or paths[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     if paths and paths[0] == "--best":
         print(kernel_table(best_of(paths[1:])))
         return

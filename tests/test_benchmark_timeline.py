@@ -97,7 +97,7 @@ def test_traced_merge_shows_reads_merges_and_writes_per_thread(tiny_family, tmp_
         text=True,
         timeout=600,
         cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MERGEKIT_ACE_OVERLAP": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     events = [json.loads(line) for line in trace.read_text().splitlines()]

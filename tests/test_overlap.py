@@ -112,7 +112,8 @@ def test_modes_write_what_the_serial_executor_writes(
         assert json.loads((overlapped / "config.json").read_text())["num_hidden_layers"] == 3
 
 
-def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, caplog):
+def executors_built(monkeypatch) -> list:
+    """The overlapped executors built from now on, in order."""
     built = []
     original = overlap.OverlappedExecutor.__init__
 
@@ -121,6 +122,11 @@ def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, capl
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(overlap.OverlappedExecutor, "__init__", spy)
+    return built
+
+
+def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, caplog):
+    built = executors_built(monkeypatch)
     monkeypatch.setenv(overlap.SWITCH_VARIABLE, "1")
     caplog.set_level(logging.INFO, logger="mergekit_ace")
 
@@ -145,14 +151,7 @@ def test_said_once_for_our_methods_only(tiny_family, tmp_path, monkeypatch, capl
 def test_on_a_cpu_it_overlaps_only_with_a_cpu_to_spare(tiny_family, tmp_path, monkeypatch, caplog):
     """Unset, the switch overlaps a CPU merge only where a CPU is left beside the merge's
     threads (says why not otherwise); ``1`` overlaps anyway; the files are the same."""
-    built = []
-    original = overlap.OverlappedExecutor.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(self)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(overlap.OverlappedExecutor, "__init__", spy)
+    built = executors_built(monkeypatch)
     monkeypatch.delenv(overlap.SWITCH_VARIABLE, raising=False)
     caplog.set_level(logging.INFO, logger="mergekit_ace")
     cfg = write_config(tmp_path / "ace.yml", config_of(tiny_family))
