@@ -108,10 +108,20 @@ def parse_bytes(text: str) -> int:
 
 
 def overlap_setting() -> str:
-    """``"off"``, ``"on"`` or ``"auto"`` (unset, empty or anything else) from
-    :data:`SWITCH_VARIABLE`."""
+    """``"off"``, ``"on"`` or ``"auto"`` (also when unset or empty) from
+    :data:`SWITCH_VARIABLE`; any other value is refused."""
     value = os.environ.get(SWITCH_VARIABLE, "").strip().lower()
-    return "off" if value in _OFF else "on" if value in _ON else "auto"
+    if value in _OFF:
+        return "off"
+    if value in _ON:
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(
+        f"{SWITCH_VARIABLE}={os.environ[SWITCH_VARIABLE]!r} is not a setting: use 1 (overlap "
+        "every merge of mergekit-ace's methods), 0 (none), or auto / unset (on a GPU, and on a "
+        "CPU with a core left beside the merge's threads)."
+    )
 
 
 def overlap_enabled() -> bool:

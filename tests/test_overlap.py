@@ -169,6 +169,9 @@ def test_on_a_cpu_it_overlaps_only_with_a_cpu_to_spare(tiny_family, tmp_path, mo
     assert len(built) == 2
     assert_same_files(tmp_path / "busy" / "m", tmp_path / "spare" / "m", skip=("README.md",))
     assert_same_files(tmp_path / "busy" / "m", tmp_path / "forced" / "m", skip=("README.md",))
+    monkeypatch.setenv(overlap.SWITCH_VARIABLE, "sometimes")  # said, and mergekit's executor
+    mergekit_yaml_here(cfg, tmp_path / "typo" / "m")
+    assert len(built) == 2 and "OVERLAP='sometimes' is not a setting: use 1" in caplog.text
 
 
 def test_a_fresh_mergekit_yaml_process_overlaps(tiny_family, tmp_path, monkeypatch):
