@@ -8,7 +8,9 @@ the script also polls ``nvidia-smi`` for the GPU's peak used memory). The checkp
 deleted at the end unless ``--keep``.
 
 ``--cold`` evicts every input shard from the page cache before each run
-(``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so the reads come from the disk.
+(``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so the reads come from the disk;
+without it every shard is read once before the first run, so every run finds its inputs in
+the page cache.
 ``--timeline DIR`` runs each merge under a tracer (this module's ``--trace-run``) that records,
 per tensor and thread, when it was read, merged and written, and ACE's phases inside each
 merge; DIR gets one JSON-lines trace per run and ``--out`` a summary row per run
@@ -219,6 +221,20 @@ def evict(model_dirs):
                 finally:
                     os.close(fd)
                 total += path.stat().st_size
+    return total
+
+
+def warm(model_dirs):
+    """Read every input shard of ``model_dirs`` once, so that a hot run finds it in the page
+    cache (a cold run of another invocation may have evicted a shared base); returns the
+    bytes."""
+    total = 0
+    for directory in model_dirs:
+        for path in sorted(Path(directory).iterdir()):
+            if path.suffix in INPUT_SUFFIXES and path.is_file():
+                with open(path, "rb") as f:
+                    while chunk := f.read(64 * 2**20):
+                        total += len(chunk)
     return total
 
 
@@ -533,6 +549,8 @@ def main(argv=None):
         )
         root = base_dir.parent
     out = open(args.out, "a") if args.out else None
+    if not args.cold:
+        warm([base_dir, *expert_dirs[: args.experts]])
     try:
         for flags in flag_sets:
             times, runs = {}, []

@@ -38,7 +38,7 @@ def resident_pages(path: Path) -> float:
     return share
 
 
-def test_evict_drops_the_inputs_from_the_page_cache(tmp_path):
+def test_evict_and_warm_drop_and_fill_the_page_cache(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     save_file({"w": torch.randn(2**20)}, model / "model.safetensors")
@@ -47,6 +47,8 @@ def test_evict_drops_the_inputs_from_the_page_cache(tmp_path):
     os.sync()  # written pages must be clean to be dropped
     assert perf_e2e.evict([model]) == (model / "model.safetensors").stat().st_size
     assert resident_pages(model / "model.safetensors") < 0.05
+    assert perf_e2e.warm([model]) == (model / "model.safetensors").stat().st_size
+    assert resident_pages(model / "model.safetensors") > 0.95
 
 
 def test_method_specs_and_digests(tmp_path):
