@@ -124,10 +124,6 @@ def overlap_setting() -> str:
     )
 
 
-def overlap_enabled() -> bool:
-    return overlap_setting() != "off"
-
-
 def available_cpus() -> int:
     """The logical CPUs this process may run on."""
     try:
@@ -146,7 +142,8 @@ def choose_executor(config: Any, options: Any) -> Optional[Any]:
         return None
     if getattr(options, "multi_gpu", False):
         return None
-    if not overlap_enabled():
+    switch = overlap_setting()
+    if switch == "off":
         LOG.info(
             "mergekit-ace: %s=%s, so mergekit's serial executor runs this merge.",
             SWITCH_VARIABLE,
@@ -157,7 +154,7 @@ def choose_executor(config: Any, options: Any) -> Optional[Any]:
     if device.type not in ("cpu", "cuda"):
         return None
     cpus, threads = available_cpus(), torch.get_num_threads()
-    if device.type == "cpu" and overlap_setting() == "auto" and threads >= cpus:
+    if device.type == "cpu" and switch == "auto" and threads >= cpus:
         LOG.info(
             "mergekit-ace: the merge's %d threads use all %d CPUs, so mergekit's serial "
             "executor runs this merge (reading ahead on another thread would take CPU time "
