@@ -327,9 +327,7 @@ def isotropic_projector(
     ``k'`` is ``k`` less the directions whose singular value is at or below ``floor``
     (``P=None, k=0`` when none is above it); a callable ``floor`` is given ``s_k`` and returns
     the floor (:class:`IsotropicProjector` records the floor applied). ``s_1 / s_k'`` is by how
-    much boosting the
-    ``k'``-th direction multiplies the relative round-off ``F`` carries
-    (:class:`IsotropicProjector`).
+    much boosting the ``k'``-th direction multiplies the relative round-off ``F`` carries.
 
     The eigendecomposition of ``G`` (float64) gives ``s_i^2`` and one set of singular vectors;
     a Gram formed in float64 keeps the subspace at least as accurate as a float32 SVD of ``F``.

@@ -385,10 +385,7 @@ def rounding_floor_bound(tensor: torch.Tensor, step: Optional[int] = None) -> fl
         return 0.0
     fmt = storage_precision(tensor, step)
     bits = 1 - int(round(math.log2(torch.finfo(fmt).eps)))
-    largest = 0.0
-    for block in row_blocks(tensor, step):
-        low, high = torch.aminmax(block)
-        largest = max(largest, -float(low), float(high))
+    largest = max(largest_magnitude(block) for block in row_blocks(tensor, step))
     m, n = tensor.shape
     return (math.sqrt(m) + math.sqrt(n)) * math.ldexp(largest, 1 - bits) / math.sqrt(12.0)
 
