@@ -10,7 +10,8 @@
 #     holds that kernel's mergekit_ace and nothing else:
 #     mkdir -p /tmp/old && git archive REV mergekit_ace | tar -x -C /tmp/old
 #   STEPS="e2e eigh pytest" LAYERS_LIST=16 CAPPED_LAYERS=16 bash benchmarks/perf_gpu.sh  # a subset
-#   STEPS=overlap bash benchmarks/perf_gpu.sh    # the overlapped executor alone (under 5 minutes)
+#   STEPS=overlap bash benchmarks/perf_gpu.sh    # the overlapped executor alone (about 7 minutes)
+#   STEPS="pytest overlap" bash benchmarks/perf_gpu.sh  # every CUDA test first (8 minutes on an H200)
 #   bash benchmarks/perf_gpu.sh wheels           # on a machine with pip and a network: the wheels
 #
 # A machine without mergekit (the device machines here) installs the wheels in .whl first:
@@ -33,8 +34,8 @@
 # overlap (not in the default STEPS; STEPS=overlap runs it alone): the overlapped executor's
 #    CUDA tests, then mergekit-yaml --cuda on Llama-3-8B-shaped checkpoints, interleaved:
 #    $OVERLAP_LAYERS (16) layers at T=3: task_arithmetic, ace on mergekit's serial executor and
-#    overlapped (heterogeneous on these experts; outputs hashed and compared), ace overlapped
-#    with gate: off (homogeneous); then 2 layers at T=8: task_arithmetic and ace overlapped.
+#    overlapped (heterogeneous on these experts; outputs hashed and compared), ace with gate: off
+#    (homogeneous) on both; then 2 layers at T=8: task_arithmetic and ace overlapped.
 #    Wall time, peak GPU memory (nvidia-smi) and peak RSS per run, per-tensor timelines
 #    ($OUT/timelines.tar.gz; perf_report.py --timeline draws them).
 set -uo pipefail
@@ -142,15 +143,17 @@ done
 if want overlap; then
   # OVERLAP_PRESET / OVERLAP_GEN / OVERLAP_FLAGS: a dry run on a CPU (tiny preset, no --cuda)
   PRESET="${OVERLAP_PRESET:-llama3-8b}"
-  E2E=(timeout 230 $PY -m benchmarks.perf_e2e --preset "$PRESET" --gen-device "${OVERLAP_GEN:-cuda}"
+  E2E=(timeout 330 $PY -m benchmarks.perf_e2e --preset "$PRESET" --gen-device "${OVERLAP_GEN:-cuda}"
        --flags="${OVERLAP_FLAGS---cuda}" --timeline "$OUT/timelines" --out "$R")
-  step "overlap: CUDA tests"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "staging or overlapped" \
-    > "$OUT/pytest_overlap.txt" 2>&1
-  echo "pytest overlap rc=$?" | tee -a "$L"
+  if ! want pytest; then  # the pytest step runs these among the others
+    step "overlap: CUDA tests"
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "staging or overlapped" \
+      > "$OUT/pytest_overlap.txt" 2>&1
+    echo "pytest overlap rc=$?" | tee -a "$L"
+  fi
   step "overlap: ${OVERLAP_LAYERS:-16} layers, T=3"
   "${E2E[@]}" --layers "${OVERLAP_LAYERS:-16}" --experts 3 --digest --methods task_arithmetic \
-    ace ace:MERGEKIT_ACE_OVERLAP=0 ace/gate=off >> "$L" 2>&1
+    ace ace:MERGEKIT_ACE_OVERLAP=0 ace/gate=off ace/gate=off:MERGEKIT_ACE_OVERLAP=0 >> "$L" 2>&1
   echo "overlap T=3 rc=$?" | tee -a "$L"
   rm -rf "$CACHE"
   step "overlap: 2 layers, T=8"

@@ -5,6 +5,7 @@ import torch
 
 import mergekit_ace.kernels.ace.workspace as workspace
 from mergekit_ace.kernels.ace import ace_merge
+from mergekit_ace.kernels.ace.fallback import cuda_free_bytes
 from tests.reference import reference_ace, rel_err
 from tests.helpers import (
     SMALL_SHARDS,
@@ -117,6 +118,17 @@ def test_condition_number_on_cuda_matches_cpu():
     )
     assert gpu.solver == cpu.solver == "cholesky"
     assert gpu.condition == pytest.approx(cpu.condition, rel=0.05)
+
+
+def test_free_memory_of_a_device_without_an_index_is_the_current_devices():
+    """mergekit names the GPU ``torch.device("cuda")``, without an index; the free memory the
+    overlapped executor's look-ahead and the out-of-memory check read is then the current
+    device's (the per-process cap's query refuses a device without an index)."""
+    current = torch.device("cuda", torch.cuda.current_device())
+    held = torch.empty(256 << 20, dtype=torch.uint8, device=current)
+    unnamed, named = cuda_free_bytes(torch.device("cuda")), cuda_free_bytes(current)
+    assert abs(unnamed - named) < 16 << 20
+    assert named <= torch.cuda.mem_get_info(current)[1] - held.numel()
 
 
 # --- the overlapped executor on a GPU (mergekit_ace.overlap) ------------------------------

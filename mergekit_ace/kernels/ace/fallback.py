@@ -29,7 +29,11 @@ class AceOutOfMemoryError(MemoryError):
 def cuda_free_bytes(device: torch.device) -> int:
     """Free memory on ``device``: the driver's free bytes plus what PyTorch's caching
     allocator holds but does not use (it can hand that out again), within the process's cap
-    (``torch.cuda.set_per_process_memory_fraction``) where one is set."""
+    (``torch.cuda.set_per_process_memory_fraction``) where one is set. A ``device`` without
+    an index (mergekit's ``torch.device("cuda")``) is the current one."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + torch.cuda.memory_reserved(device) - allocated
