@@ -36,6 +36,8 @@
 #    $OVERLAP_LAYERS (16) layers at T=3: task_arithmetic, ace on mergekit's serial executor and
 #    overlapped (heterogeneous on these experts; outputs hashed and compared), ace with gate: off
 #    (homogeneous) on both; then 2 layers at T=8: task_arithmetic and ace overlapped.
+#    $OVERLAP_METHODS and $OVERLAP_T8_METHODS replace the two lists of methods (perf_e2e.py's
+#    --methods: e.g. ace:MERGEKIT_ACE_LOOKAHEAD=3G for a larger look-ahead).
 #    Wall time, peak GPU memory (nvidia-smi) and peak RSS per run, per-tensor timelines
 #    ($OUT/timelines.tar.gz; perf_report.py --timeline draws them).
 set -uo pipefail
@@ -152,12 +154,16 @@ if want overlap; then
     echo "pytest overlap rc=$?" | tee -a "$L"
   fi
   step "overlap: ${OVERLAP_LAYERS:-16} layers, T=3"
-  "${E2E[@]}" --layers "${OVERLAP_LAYERS:-16}" --experts 3 --digest --methods task_arithmetic \
-    ace ace:MERGEKIT_ACE_OVERLAP=0 ace/gate=off ace/gate=off:MERGEKIT_ACE_OVERLAP=0 >> "$L" 2>&1
+  # shellcheck disable=SC2086
+  "${E2E[@]}" --layers "${OVERLAP_LAYERS:-16}" --experts 3 --digest --methods \
+    ${OVERLAP_METHODS:-task_arithmetic ace ace:MERGEKIT_ACE_OVERLAP=0 ace/gate=off \
+      ace/gate=off:MERGEKIT_ACE_OVERLAP=0} >> "$L" 2>&1
   echo "overlap T=3 rc=$?" | tee -a "$L"
   rm -rf "$CACHE"
   step "overlap: 2 layers, T=8"
-  "${E2E[@]}" --layers 2 --experts 8 --methods task_arithmetic ace >> "$L" 2>&1
+  # shellcheck disable=SC2086
+  "${E2E[@]}" --layers 2 --experts 8 --methods ${OVERLAP_T8_METHODS:-task_arithmetic ace} \
+    >> "$L" 2>&1
   echo "overlap T=8 rc=$?" | tee -a "$L"
   rm -rf "$CACHE"
   tar -czf "$OUT/timelines.tar.gz" -C "$OUT" timelines && rm -rf "$OUT/timelines"

@@ -15,7 +15,7 @@ and writing checkpoints. :class:`OverlappedExecutor` runs the same schedule
   mergekit's executor does, and hands each finished tensor to the writer;
 - a **writer** runs every ``SaveTensor`` in schedule order (mergekit's ``TensorWriter`` groups
   tensors into the same shards as the serial executor, so the files are byte-identical); on a
-  GPU it first copies the result back on a stream of its own.
+  GPU it first copies the result back through pinned buffers of its own, on its own stream.
 
 What the reader holds ahead of the merges and the results not yet written are bounded by one
 look-ahead in bytes (``MERGEKIT_ACE_LOOKAHEAD``; default: a quarter of the largest tensor's
@@ -38,7 +38,7 @@ import re
 import threading
 import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import tqdm
@@ -276,11 +276,15 @@ class Budget:
 
 
 class Staging:
-    """Host-to-device copies through ``slots`` pinned host buffers of ``chunk_bytes`` on a
-    stream of its own: the CPU copies a chunk into a free buffer (reading the memory-mapped
-    checkpoint there) while the DMA engine moves the previous chunk, and the main thread's
-    stream only waits for the returned event. A buffer is reused once the copy out of it has
-    ended. On a CPU ``device`` the same code runs with plain buffers and no events (tests)."""
+    """Copies between the host and ``device`` through ``slots`` pinned host buffers of
+    ``chunk_bytes`` on a stream of its own, one chunk on the DMA engine while the CPU copies
+    another into or out of its buffer. To the device (:meth:`copy`, the reader): the CPU reads
+    a chunk of the memory-mapped checkpoint into a free buffer, and the main thread's stream
+    only waits for the returned event. Back to the host (:meth:`to_host`, the writer): pinned
+    buffers let the DMA engine write the result at full speed, where a copy into pageable
+    memory runs at a fraction of it and holds up the other threads' CUDA calls while it runs.
+    A buffer is reused once the copy out of it has ended. On a CPU ``device`` the same code
+    runs with plain buffers and no events (tests)."""
 
     def __init__(self, device, chunk_bytes: int = STAGING_CHUNK_BYTES, slots: int = STAGING_SLOTS):
         self.device = torch.device(device)
@@ -323,6 +327,37 @@ class Staging:
                 out = out.to(dtype)
             return out, self.record()
 
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, on the device, in a new contiguous host tensor; returns once every byte
+        has arrived. The copies run on this object's stream, which must already wait for
+        whatever computes ``tensor``."""
+        with torch.cuda.stream(self.stream) if self.cuda else _nothing():
+            source = tensor.contiguous()
+            out = torch.empty(source.shape, dtype=source.dtype)
+            src, dst = as_bytes(source), as_bytes(out)
+            arriving: collections.deque = collections.deque()
+            for start in range(0, src.numel(), self.chunk):
+                stop = min(start + self.chunk, src.numel())
+                slot, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
+                if self.pending[slot] is not None:
+                    self.pending[slot].synchronize()
+                    self.pending[slot] = None
+                buffer = self.buffers[slot][: stop - start]
+                buffer.copy_(src[start:stop], non_blocking=self.cuda)
+                arriving.append((buffer, dst[start:stop], self.record()))
+                if len(arriving) == len(self.buffers):
+                    _unload(*arriving.popleft())
+            while arriving:
+                _unload(*arriving.popleft())
+        return out
+
+
+def _unload(buffer: torch.Tensor, destination: torch.Tensor, event: Any) -> None:
+    """Copy a chunk out of its pinned buffer once it has arrived there."""
+    if event is not None:
+        event.synchronize()
+    destination.copy_(buffer)
+
 
 class _nothing:
     def __enter__(self):
@@ -352,6 +387,20 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(tensor_bytes(v) for v in value)
     return 0
+
+
+def _map_tensors(value: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``move`` applied to every tensor in it (the nesting of mergekit's
+    ``Executor._move_tensors``)."""
+    if isinstance(value, torch.Tensor):
+        return move(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, move) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_tensors(v, move) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, move) for v in value)
+    return value
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
@@ -458,7 +507,8 @@ class OverlappedExecutor(Executor):
         )
         self.placement = {h: self._placement(h) for h in self.reads}
         self.device_reserve = self._device_reserve() if self._on_cuda(self.math_device) else 0
-        self.staging: Optional[Staging] = None
+        self.staging: Optional[Staging] = None  # the reader's copies to the GPU
+        self.unstaging: Optional[Staging] = None  # the writer's copies back
         LOG.info(
             "mergekit-ace: reading up to %s ahead of the merges and writing behind them on "
             "threads of their own (%s=0 runs mergekit's serial executor; %s sets the "
@@ -594,12 +644,17 @@ class OverlappedExecutor(Executor):
         executor does as soon as the tensor is computed)."""
         if item.event is not None:
             torch.cuda.current_stream().wait_event(item.event)
-        arguments = {
-            k: self._move_tensors(v, self.storage_device) for k, v in item.arguments.items()
-        }
+        arguments = {k: self._to_storage(v) for k, v in item.arguments.items()}
         item.handle.task().execute(**arguments)
         if self.staging is not None:
             torch.cuda.current_stream().synchronize()
+
+    def _to_storage(self, value: Any) -> Any:
+        """``value`` on the storage device, as mergekit's executor moves it; GPU tensors come
+        back to the host through the writer's pinned buffers."""
+        if self.unstaging is None or self._on_cuda(self.storage_device):
+            return self._move_tensors(value, self.storage_device)
+        return _map_tensors(value, lambda t: self.unstaging.to_host(t) if t.is_cuda else t)
 
     def _write_all(self) -> None:
         budget = self.budget
@@ -723,7 +778,7 @@ class OverlappedExecutor(Executor):
         a CUDA stream each when a GPU takes part)."""
         if self._on_cuda(self.math_device) or self._on_cuda(self.storage_device):
             device = self.math_device if self._on_cuda(self.math_device) else self.storage_device
-            self.staging = Staging(device)
+            self.staging, self.unstaging = Staging(device), Staging(device)
         self.budget = Budget(self.lookahead_bytes)
         self.ready: Dict[TaskHandle, _Read] = {}
         self.queue: collections.deque = collections.deque()
@@ -732,7 +787,7 @@ class OverlappedExecutor(Executor):
         install_loaders = compat.share_loader_cache()
         threads_here = torch.get_num_threads()  # also fixes this thread's count before the workers'
         streams = (
-            (self.staging.stream, torch.cuda.Stream(self.staging.device))
+            (self.staging.stream, self.unstaging.stream)
             if self.staging is not None
             else (None, None)
         )

@@ -154,6 +154,12 @@ def test_staging_copies_every_byte_through_pinned_buffers():
     out, event = staging.copy(half, torch.float32)
     event.synchronize()
     assert out.dtype == torch.float32 and torch.equal(out.cpu(), half.float())
+    for tensor in (torch.randn(1000, 37), torch.randn(64, 8).to(torch.bfloat16).t()):
+        on_gpu = tensor.cuda()
+        torch.cuda.synchronize()
+        host = staging.to_host(on_gpu)
+        assert host.device.type == "cpu" and host.dtype == tensor.dtype
+        assert torch.equal(host, tensor)
 
 
 def test_staging_and_the_writers_copy_do_not_wait_for_the_merge():
@@ -163,9 +169,10 @@ def test_staging_and_the_writers_copy_do_not_wait_for_the_merge():
 
     from mergekit_ace.overlap import Staging
 
-    staging = Staging("cuda")
+    staging, unstaging = Staging("cuda"), Staging("cuda")
     source = torch.randn(16 * 2**20)  # 64 MiB
     result = torch.randn(16 * 2**20, device="cuda")
+    expected = result.cpu()
     torch.cuda.synchronize()
     torch.cuda._sleep(int(3e9))  # ~1.5 s of spinning on the default stream
     done = {}
@@ -177,8 +184,8 @@ def test_staging_and_the_writers_copy_do_not_wait_for_the_merge():
             done["read"] = torch.equal(out.cpu(), source)
 
     def writer():
-        with torch.cuda.stream(torch.cuda.Stream()):
-            done["write"] = result.cpu().shape == result.shape
+        with torch.cuda.stream(unstaging.stream):
+            done["write"] = torch.equal(unstaging.to_host(result), expected)
 
     threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
     for t in threads:

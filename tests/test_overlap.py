@@ -364,6 +364,65 @@ def test_staging_reuses_a_buffer_only_after_its_copy_ended():
     assert log == [1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(37, 5),
+        torch.randn(64, 8).to(torch.bfloat16).t(),  # not contiguous
+        torch.arange(101, dtype=torch.int64),
+        torch.rand(13) > 0.5,
+        torch.tensor(2.5),
+        torch.empty(0, 4),
+    ],
+)
+def test_copies_back_to_the_host_carry_every_byte(tensor):
+    staging = Staging("cpu", chunk_bytes=24, slots=3)
+    host = staging.to_host(tensor)
+    assert host.shape == tensor.shape and host.dtype == tensor.dtype
+    assert host.is_contiguous() and torch.equal(host, tensor)
+    assert host.data_ptr() != tensor.data_ptr() or tensor.numel() == 0
+
+
+def test_copies_back_unload_a_buffer_before_reusing_it(monkeypatch):
+    """Chunk n is copied out of its buffer only after its event (the transfer's end), and
+    the buffer takes chunk n + 3 only after that; three chunks are in flight at once."""
+    log = []
+
+    class Recording(Staging):
+        def record(self):
+            n = sum(1 for entry in log if entry[0] == "copy") + 1
+            log.append(("copy", n))
+            return _Event(log, ("arrived", n))
+
+    unload = overlap._unload
+
+    def logged_unload(buffer, destination, event):
+        unload(buffer, destination, event)
+        log.append(("unloaded", event.copies[1]))
+
+    monkeypatch.setattr(overlap, "_unload", logged_unload)
+    staging = Recording("cpu", chunk_bytes=16, slots=3)
+    source = torch.arange(40, dtype=torch.float32)  # 160 bytes: 10 chunks
+    assert torch.equal(staging.to_host(source), source)
+    at = {entry: i for i, entry in enumerate(log)}
+    assert len(at) == 30
+    for n in range(1, 11):
+        assert at[("arrived", n)] < at[("unloaded", n)]
+        if n > 3:
+            assert at[("unloaded", n - 3)] < at[("copy", n)]
+    assert at[("copy", 3)] < at[("unloaded", 1)]
+
+
+def test_moving_a_result_keeps_its_nesting():
+    value = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": None, "c": torch.ones(1)}
+    moved = overlap._map_tensors(value, lambda t: t + 1)
+    assert moved["b"] is None and moved["a"][1][1] == 3 and isinstance(moved["a"][1], tuple)
+    assert torch.equal(moved["a"][0], torch.full((2,), 2.0))
+    assert torch.equal(moved["a"][1][0], torch.ones(1)) and torch.equal(
+        moved["c"], 2 * torch.ones(1)
+    )
+
+
 def test_touching_a_memory_mapped_tensor_reads_its_pages(tmp_path):
     from safetensors import safe_open
 
