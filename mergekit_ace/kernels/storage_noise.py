@@ -106,24 +106,6 @@ def holds_exactly(block: torch.Tensor, fmt: torch.dtype) -> bool:
     return torch.equal(block.to(fmt).to(block.dtype), block)
 
 
-def storage_noise(
-    base: torch.Tensor,
-    expert: torch.Tensor,
-    energy: float,
-    base_norm: float,
-    dtype: torch.dtype,
-    step: Optional[int] = None,
-    rounding: Optional[dict] = None,
-) -> Optional[torch.dtype]:
-    """The storage precision ``p`` of ``expert`` if its task vector is storage noise
-    (:func:`noise_finding`), else None. ``energy`` is ``||tau_t||_F^2``, ``base_norm``
-    ``||W0||_F``, ``dtype`` the compute dtype, ``step`` the rows per block; ``rounding`` is
-    kept for callers of the earlier signature and not needed."""
-    scale = BaseScale(base_norm, largest_magnitude(base))
-    finding = noise_finding(base, expert, energy, scale, dtype, step)
-    return finding.precision if finding is not None else None
-
-
 @dataclass(frozen=True)
 class BaseScale:
     """``||W0||_F`` and ``max |W0|``, measured once per base tensor."""
