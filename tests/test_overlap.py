@@ -326,17 +326,17 @@ class _Event:
         self.log.append(self.copies)
 
 
-@pytest.mark.parametrize(
-    "tensor",
-    [
-        torch.randn(37, 5),
-        torch.randn(64, 8).to(torch.bfloat16).t(),  # not contiguous
-        torch.arange(101, dtype=torch.int64),
-        torch.rand(13) > 0.5,
-        torch.tensor(2.5),
-        torch.empty(0, 4),
-    ],
-)
+RING_CASES = [
+    torch.randn(37, 5),
+    torch.randn(64, 8).to(torch.bfloat16).t(),  # not contiguous
+    torch.arange(101, dtype=torch.int64),
+    torch.rand(13) > 0.5,
+    torch.tensor(2.5),
+    torch.empty(0, 4),
+]
+
+
+@pytest.mark.parametrize("tensor", RING_CASES)
 def test_staging_ring_copies_every_byte(tensor):
     staging = Staging("cpu", chunk_bytes=24, slots=3)
     copied, event = staging.copy(tensor)
@@ -364,17 +364,7 @@ def test_staging_reuses_a_buffer_only_after_its_copy_ended():
     assert log == [1, 2, 3, 4, 5, 6, 7]
 
 
-@pytest.mark.parametrize(
-    "tensor",
-    [
-        torch.randn(37, 5),
-        torch.randn(64, 8).to(torch.bfloat16).t(),  # not contiguous
-        torch.arange(101, dtype=torch.int64),
-        torch.rand(13) > 0.5,
-        torch.tensor(2.5),
-        torch.empty(0, 4),
-    ],
-)
+@pytest.mark.parametrize("tensor", RING_CASES)
 def test_copies_back_to_the_host_carry_every_byte(tensor):
     staging = Staging("cpu", chunk_bytes=24, slots=3)
     host = staging.to_host(tensor)
