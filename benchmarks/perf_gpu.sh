@@ -145,7 +145,7 @@ done
 if want overlap; then
   # OVERLAP_PRESET / OVERLAP_GEN / OVERLAP_FLAGS: a dry run on a CPU (tiny preset, no --cuda)
   PRESET="${OVERLAP_PRESET:-llama3-8b}"
-  E2E=(timeout 330 $PY -m benchmarks.perf_e2e --preset "$PRESET" --gen-device "${OVERLAP_GEN:-cuda}"
+  E2E=(timeout 420 $PY -m benchmarks.perf_e2e --preset "$PRESET" --gen-device "${OVERLAP_GEN:-cuda}"
        --flags="${OVERLAP_FLAGS---cuda}" --timeline "$OUT/timelines" --out "$R")
   if ! want pytest; then  # the pytest step runs these among the others
     step "overlap: CUDA tests"
