@@ -197,15 +197,15 @@ def noise_finding(
         return None
     fmt = storage_precision(expert, step)
     ulp = ulp_at(scale.largest, fmt)
-    if _largest_change(sample_head(base), sample_head(expert), fmt, dtype) > NOISE_ULPS * ulp:
+    _, head_change = _own_change(sample_head(base), sample_head(expert), fmt, dtype)
+    if largest_magnitude(head_change) > NOISE_ULPS * ulp:
         return None  # the first block's test below fails on these entries too
     cap, changed, largest, own, entry_ulps = noise_cap(base.numel()), 0, 0.0, 0.0, 0.0
     close = (NOISE_FRACTION * unit_roundoff(fmt) * scale.norm) ** 2
     for b, e in zip(row_blocks(base, step), row_blocks(expert, step)):
-        restored = b.to(fmt).to(dtype)
-        r = e.to(dtype) - restored
+        restored, r = _own_change(b, e, fmt, dtype)
         changed += int(torch.count_nonzero(r))
-        largest = max(largest, float(r.abs().max())) if r.numel() else largest
+        largest = max(largest, largest_magnitude(r))
         own += float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
         if largest > NOISE_ULPS * ulp or (
             own > close and changed > cap and own > NOISE_OWN_SHARE * energy
@@ -217,11 +217,10 @@ def noise_finding(
     return NoiseFinding(fmt, base_fmt, base.numel(), changed, largest / ulp, own_share, entry_ulps)
 
 
-def _largest_change(base: torch.Tensor, expert: torch.Tensor, fmt: torch.dtype, dtype) -> float:
-    """``max |W_t - fl_fmt(W0)|`` over the entries given."""
-    if not base.numel():
-        return 0.0
-    return float((expert.to(dtype) - base.to(fmt).to(dtype)).abs().max())
+def _own_change(base: torch.Tensor, expert: torch.Tensor, fmt: torch.dtype, dtype):
+    """``(fl_fmt(W0), W_t - fl_fmt(W0))`` in ``dtype`` over the entries given."""
+    restored = base.to(fmt).to(dtype)
+    return restored, expert.to(dtype) - restored
 
 
 def _entry_ulps(r: torch.Tensor, restored: torch.Tensor, fmt: torch.dtype) -> float:
