@@ -209,18 +209,24 @@ class GpuPoller:
 INPUT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
-def evict(model_dirs):
-    """Drop every input shard of ``model_dirs`` from the page cache; returns the bytes."""
-    total = 0
+def input_shards(model_dirs):
+    """The weight files of ``model_dirs``, in name order per folder."""
     for directory in model_dirs:
         for path in sorted(Path(directory).iterdir()):
             if path.suffix in INPUT_SUFFIXES and path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-                total += path.stat().st_size
+                yield path
+
+
+def evict(model_dirs):
+    """Drop every input shard of ``model_dirs`` from the page cache; returns the bytes."""
+    total = 0
+    for path in input_shards(model_dirs):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        total += path.stat().st_size
     return total
 
 
@@ -229,12 +235,10 @@ def warm(model_dirs):
     cache (a cold run of another invocation may have evicted a shared base); returns the
     bytes."""
     total = 0
-    for directory in model_dirs:
-        for path in sorted(Path(directory).iterdir()):
-            if path.suffix in INPUT_SUFFIXES and path.is_file():
-                with open(path, "rb") as f:
-                    while chunk := f.read(64 * 2**20):
-                        total += len(chunk)
+    for path in input_shards(model_dirs):
+        with open(path, "rb") as f:
+            while chunk := f.read(64 * 2**20):
+                total += len(chunk)
     return total
 
 
