@@ -312,17 +312,10 @@ class Staging:
         with torch.cuda.stream(self.stream) if self.cuda else _nothing():
             source = tensor.contiguous()
             out = torch.empty(source.shape, dtype=source.dtype, device=self.device)
-            if source.numel():
-                src, dst = as_bytes(source), as_bytes(out)
-                for start in range(0, src.numel(), self.chunk):
-                    stop = min(start + self.chunk, src.numel())
-                    slot, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
-                    if self.pending[slot] is not None:
-                        self.pending[slot].synchronize()
-                    buffer = self.buffers[slot][: stop - start]
-                    buffer.copy_(src[start:stop])
-                    dst[start:stop].copy_(buffer, non_blocking=self.cuda)
-                    self.pending[slot] = self.record()
+            for slot, buffer, piece, target in self._ring(as_bytes(source), as_bytes(out)):
+                buffer.copy_(piece)
+                target.copy_(buffer, non_blocking=self.cuda)
+                self.pending[slot] = self.record()
             if dtype is not None and dtype != out.dtype:
                 out = out.to(dtype)
             return out, self.record()
@@ -334,22 +327,26 @@ class Staging:
         with torch.cuda.stream(self.stream) if self.cuda else _nothing():
             source = tensor.contiguous()
             out = torch.empty(source.shape, dtype=source.dtype)
-            src, dst = as_bytes(source), as_bytes(out)
             arriving: collections.deque = collections.deque()
-            for start in range(0, src.numel(), self.chunk):
-                stop = min(start + self.chunk, src.numel())
-                slot, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
-                if self.pending[slot] is not None:
-                    self.pending[slot].synchronize()
-                    self.pending[slot] = None
-                buffer = self.buffers[slot][: stop - start]
-                buffer.copy_(src[start:stop], non_blocking=self.cuda)
-                arriving.append((buffer, dst[start:stop], self.record()))
+            for _slot, buffer, piece, target in self._ring(as_bytes(source), as_bytes(out)):
+                buffer.copy_(piece, non_blocking=self.cuda)
+                arriving.append((buffer, target, self.record()))
                 if len(arriving) == len(self.buffers):
                     _unload(*arriving.popleft())
             while arriving:
                 _unload(*arriving.popleft())
         return out
+
+    def _ring(self, src: torch.Tensor, dst: torch.Tensor):
+        """``(slot, buffer, src chunk, dst chunk)`` for each chunk of the byte views ``src``
+        and ``dst``, the buffers taken in turn, each once the copy pending out of it ended."""
+        for start in range(0, src.numel(), self.chunk):
+            stop = min(start + self.chunk, src.numel())
+            slot, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
+            if self.pending[slot] is not None:
+                self.pending[slot].synchronize()
+                self.pending[slot] = None
+            yield slot, self.buffers[slot][: stop - start], src[start:stop], dst[start:stop]
 
 
 def _unload(buffer: torch.Tensor, destination: torch.Tensor, event: Any) -> None:
