@@ -219,6 +219,7 @@ def test_the_second_computation_equals_the_first_in_exact_arithmetic():
     float64 (the measurement's premise), whatever the branch."""
     from mergekit_ace.kernels.ace.merge import DEFAULTS, merged_update
     from mergekit_ace.kernels.ace.roundoff import roundoff_change
+    from mergekit_ace.kernels.ace.scan import scan_experts
     from mergekit_ace.kernels.ace.settings import AceSettings
     from mergekit_ace.kernels.inputs import TensorNames
 
@@ -231,10 +232,50 @@ def test_the_second_computation_equals_the_first_in_exact_arithmetic():
             base, experts, compute_dtype=None, out_dtype=None, spectra=False, **parameters
         )
         names = TensorNames("t", ["a", "b", "c"])
-        W, diag, _ = merged_update(base, experts, settings, weights=[1.0] * 3, names=names)
+        scan = scan_experts(base, experts, [1.0] * 3, settings, **names.keywords)
+        W, diag, _ = merged_update(base, experts, settings, scan, names=names)
         assert diag.branch == ("heterogeneous" if gate == "on" else "homogeneous")
-        change = roundoff_change(merged_update, base, experts, settings, [1.0] * 3, names, W, diag)
+        change = roundoff_change(merged_update, base, experts, settings, scan, names, W, diag)
         assert change is not None and change < 1e-9
+
+
+def test_the_second_computation_takes_the_first_scan_permuted():
+    """The measurement's second computation runs on the participants alone, with the first
+    computation's scan: numbered from 0, the same weights and energies, a storage-noise expert
+    that was kept renumbered, and the column means a scan of the permuted participants finds."""
+    from mergekit_ace.kernels.ace.merge import DEFAULTS
+    from mergekit_ace.kernels.ace.roundoff import permutations, permuted_scan
+    from mergekit_ace.kernels.ace.scan import scan_experts
+    from mergekit_ace.kernels.ace.settings import AceSettings
+
+    base, (a, b, c) = _nearly_low_rank_experts(noise=0.01, m=96, n=64)
+    noise = base.to(torch.bfloat16).float()  # the base's own storage rounding
+    experts = [a, base.clone(), b, noise, c]  # the unchanged expert takes no part
+    weights = [1.0, 1.0, 2.0, 1.0, 3.0]
+    parameters = {**DEFAULTS, "drop_noise": False}
+    parameters.pop("weight", None)
+    settings = AceSettings.resolve(
+        base, experts, compute_dtype=None, out_dtype=None, spectra=False, **parameters
+    )
+    scan = scan_experts(base, experts, weights, settings, tensor_name="t", expert_names=None)
+    assert scan.participation.indices == [0, 2, 3, 4] and scan.participation.noise == [3]
+    rows, cols = permutations(*base.shape, base.device)
+    shared = permuted_scan(scan, cols)
+    who = scan.participation.indices
+    fresh = scan_experts(
+        base[rows][:, cols],
+        [experts[i][rows][:, cols] for i in who],
+        [weights[i] for i in who],
+        settings,
+        tensor_name="t",
+        expert_names=None,
+    )
+    assert shared.participation.indices == fresh.participation.indices == [0, 1, 2, 3]
+    assert shared.participation.noise == fresh.participation.noise == [2]
+    assert shared.participation.weights == pytest.approx(fresh.participation.weights)
+    assert shared.participation.energies == pytest.approx(fresh.participation.energies, rel=1e-5)
+    for mine, theirs in zip(shared.means, fresh.means, strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_no_measurement_or_warning_for_a_well_spread_spectrum(caplog):

@@ -28,7 +28,7 @@ from mergekit_ace.kernels.ace.parameters import ACE_PARAMETERS, DEFAULT_GATE_STA
 from mergekit_ace.kernels.ace.refine import NoiseFloor, Refinement, solve_and_refine
 from mergekit_ace.kernels.ace.reports import Spectra, report_conditioning
 from mergekit_ace.kernels.ace.roundoff import roundoff_change
-from mergekit_ace.kernels.ace.scan import scan_experts
+from mergekit_ace.kernels.ace.scan import Scan, scan_experts
 from mergekit_ace.kernels.ace.settings import AceSettings
 from mergekit_ace.kernels.ace.workspace import WorkspacePlan, plan_workspace, scan_block_rows
 from mergekit_ace.kernels.finishing import finish, finish_rows
@@ -197,10 +197,11 @@ def merge_matrix(
     Where the round-off bound exceeds ``ACCURACY_WARN``, the update is computed a second time
     with rows and columns in another order (:func:`~mergekit_ace.kernels.ace.roundoff.
     roundoff_change`) and the warning rests on the measured difference."""
-    W, diag, plan = merged_update(base, experts, settings, weights=weights, names=names)
+    scan = scan_experts(base, experts, weights, settings, **names.keywords)
+    W, diag, plan = merged_update(base, experts, settings, scan, names=names)
     if W is None:
         return base.to(settings.out_dtype), diag
-    again = partial(roundoff_change, merged_update, base, experts, settings, weights, names, W)
+    again = partial(roundoff_change, merged_update, base, experts, settings, scan, names, W)
     norm = (
         float(torch.linalg.vector_norm(W, dtype=torch.float64))
         if diag.cut_gap is not None
@@ -216,13 +217,13 @@ def merged_update(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     settings: AceSettings,
+    scan: Scan,
     *,
-    weights: Sequence[float],
     names: TensorNames,
 ) -> tuple[Optional[torch.Tensor], AceDiagnostics, Optional[WorkspacePlan]]:
-    """Steps 1-6 for a 2-D tensor: ``(W, diagnostics, plan)``, ``W`` the merged task vector in
+    """Steps 1-6 for a 2-D tensor whose experts ``scan`` (:func:`~mergekit_ace.kernels.ace.
+    scan.scan_experts`) describes: ``(W, diagnostics, plan)``, ``W`` the merged task vector in
     the compute dtype (``None`` when no expert takes part)."""
-    scan = scan_experts(base, experts, weights, settings, **names.keywords)
     who = scan.participation
     diag = AceDiagnostics.of(names.tensor, base.shape, who, gate_statistic=settings.gate_statistic)
     if not who.indices:

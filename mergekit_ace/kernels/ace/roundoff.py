@@ -20,7 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mergekit_ace.kernels.ace.scan import Scan
 from mergekit_ace.kernels.inputs import TensorNames
+from mergekit_ace.kernels.task_vectors import Participation
 
 logger = logging.getLogger(__name__)
 
@@ -39,25 +41,29 @@ def roundoff_change(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     settings,
-    weights: Sequence[float],
+    scan: Scan,
     names: TensorNames,
     W: torch.Tensor,
     diag,
 ) -> Optional[float]:
     """``||W - W'||_F / ||W||_F`` with ``W'`` the update ``update`` (steps 1-6,
     :func:`~mergekit_ace.kernels.ace.merge.merged_update`) computes from the participants of
-    ``diag`` with rows and columns permuted, mapped back. ``None`` where it cannot be compared
+    ``scan`` with rows and columns permuted, mapped back. ``None`` where it cannot be compared
     (the second computation took another branch or boosted another number of directions, or
-    ran out of memory)."""
+    ran out of memory).
+
+    The second computation takes the first one's scan (who takes part, their energies, their
+    column means permuted) instead of a pass over every expert of its own: the scan decides
+    who takes part and which branch, which two computations must share to be compared."""
     rows, cols = permutations(*base.shape, base.device)
-    who = diag.participants
+    who = scan.participation.indices
     names = TensorNames(names.tensor, [_name(names.experts, i) for i in who])
     try:
         W2, again, _ = update(
-            base[rows][:, cols],
-            [experts[i][rows][:, cols] for i in who],
+            _permuted(base, rows, cols),
+            [_permuted(experts[i], rows, cols) for i in who],
             replace(settings, spectra=False),
-            weights=[weights[i] for i in who],
+            permuted_scan(scan, cols),
             names=names,
         )
     except torch.OutOfMemoryError:
@@ -72,6 +78,25 @@ def roundoff_change(
     if scale == 0.0:
         return None
     return float(torch.linalg.vector_norm(back.sub_(W), dtype=torch.float64)) / scale
+
+
+def permuted_scan(scan: Scan, cols: torch.Tensor) -> Scan:
+    """``scan`` for its participants alone (numbered from 0) with their columns permuted by
+    ``cols``."""
+    who = scan.participation
+    position = {i: p for p, i in enumerate(who.indices)}
+    participants = Participation(
+        list(range(len(who.indices))),
+        list(who.weights),
+        list(who.energies),
+        list(who.energies),
+        [position[i] for i in who.noise if i in position],
+    )
+    return Scan(participants, [mean[cols] for mean in scan.means])
+
+
+def _permuted(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, rows).index_select(1, cols)
 
 
 def _name(expert_names: Optional[Sequence[str]], index: int) -> Optional[str]:
