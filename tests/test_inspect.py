@@ -235,6 +235,40 @@ def test_storage_noise_expert_is_reported(tiny_family, tmp_path):
     assert f"base_as_bf16 in {len(noisy)} tensors" in summary_text(report)
 
 
+def test_tensors_computed_twice_for_round_off_are_reported(tiny_family, tmp_path):
+    """A fixed ``eps: 1e-6`` with ``gate: on``: the tensors whose round-off bound passes 1 %
+    carry the change the kernel measures for them (the same as the kernel's own on that
+    tensor), and the summary says how many were computed twice and the largest change."""
+    from mergekit_ace.inspect import csv_records, inspect_config, summary_text
+    from tests.helpers import config_of
+
+    params = {"eps": 1e-6, "gate": "on"}
+    config = config_of(tiny_family, parameters=params)
+    report = inspect_config(
+        str(write_config(tmp_path / "ace.yml", config)), quiet=True, flop_rate=FLOP_RATE
+    )
+    twice = [row for row in report.rows if row.roundoff_change is not None]
+    assert twice and len(twice) < len(report.rows)
+    base = load_file(tiny_family["base"] / "model.safetensors")
+    experts = [load_file(tiny_family[n] / "model.safetensors") for n in EXPERTS]
+    for row in report.rows:
+        if len(row.shape) != 2:
+            continue
+        _, diag = ace_merge(base[row.name], [e[row.name] for e in experts], spectra=True, **params)
+        assert row.roundoff_change == diag.roundoff_change, row.name
+    largest = max(twice, key=lambda r: r.roundoff_change)
+    assert (
+        f"round-off measured on {len(twice)} of {len(report.rows)} tensors (each computed "
+        "twice," in summary_text(report)
+    )
+    assert f"at most {largest.roundoff_change:.2%} of the merged update ({largest.name};" in (
+        summary_text(report)
+    )
+    fields, records = csv_records(report)
+    assert "roundoff_change" in fields
+    assert sum(r["roundoff_change"] not in ("", None) for r in records) == len(twice)
+
+
 def test_plots_are_real_pngs(inspected):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
@@ -389,6 +423,7 @@ def test_estimate_only_on_an_8b_config(tmp_path, monkeypatch):
     float64 = sum(r.flops_float64 for r in report.rows)
     assert 0.05 < float64 / total < 0.15
     assert f"float64 work: {float64 / 1e12:.3g} of {total / 1e12:.3g} TFLOP" in text
+    assert "not in the estimate: a merge computes a tensor a second time" in text
     summary = report.as_dict()["summary"]
     assert summary["flops_float64"] == pytest.approx(float64)
 

@@ -49,6 +49,7 @@ class TensorRow:
     condition: Optional[float] = None
     boost_ratio: Optional[float] = None  # s_1 / s_k over the refined directions
     cut_gap: Optional[float] = None  # (s_k - s_{k+1}) / ||F||_F at the last boosted direction
+    roundoff_change: Optional[float] = None  # measured by a second computation (bound > 1 %)
     ridge: Optional[float] = None
     concentration_pre: Optional[float] = None
     concentration_post: Optional[float] = None

@@ -165,6 +165,7 @@ def _fill_from_diagnostics(
     row.solver, row.rcond, row.ridge = diag.solver, diag.rcond, diag.ridge
     row.spectral, row.kernel_device, row.matmul = diag.spectral, diag.device, diag.matmul
     row.condition, row.boost_ratio, row.cut_gap = diag.condition, diag.boost_ratio, diag.cut_gap
+    row.roundoff_change = diag.roundoff_change
     row.concentration_pre, row.concentration_post = diag.concentration_pre, diag.concentration_post
     row.spectrum_pre = energy_curve(diag.singular_values_pre)
     row.spectrum_post = energy_curve(diag.singular_values_post)

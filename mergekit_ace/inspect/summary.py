@@ -135,4 +135,26 @@ def _cost_lines(report: InspectReport) -> List[str]:
         lines.append(
             f"  measured kernel time (with diagnostic SVDs): {human_seconds(sum(measured))}"
         )
+        lines.extend(_roundoff_lines(report.rows))
+    elif report.rows:
+        lines.append(
+            "  not in the estimate: a merge computes a tensor a second time where its float32 "
+            "round-off bound passes 1 %, to measure the round-off (the run without "
+            "--estimate-only counts them)"
+        )
     return lines
+
+
+def _roundoff_lines(rows) -> List[str]:
+    """How many tensors a merge computes twice to measure their round-off, and the largest
+    change measured."""
+    twice = [r for r in rows if r.roundoff_change is not None]
+    if not twice:
+        return []
+    largest = max(twice, key=lambda r: r.roundoff_change)
+    seconds = sum(r.kernel_seconds or 0.0 for r in twice)
+    return [
+        f"  round-off measured on {len(twice)} of {len(rows)} tensors (each computed twice, "
+        f"{human_seconds(seconds)} of the kernel time): at most {largest.roundoff_change:.2%} "
+        f"of the merged update ({largest.name}; 1 % warns)"
+    ]

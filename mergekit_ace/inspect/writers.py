@@ -38,6 +38,7 @@ CSV_FIELDS = [
     "condition",
     "boost_ratio",
     "cut_gap",
+    "roundoff_change",
     "ridge",
     "concentration_pre",
     "concentration_post",
