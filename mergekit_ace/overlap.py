@@ -377,13 +377,7 @@ def touch_pages(tensor: torch.Tensor) -> None:
 
 
 def tensor_bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
+    return sum(t.numel() * t.element_size() for t in tensors_in(value))
 
 
 def _map_tensors(value: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> Any:
